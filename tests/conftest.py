@@ -1,0 +1,52 @@
+"""Fixtures: the oracles (audiocraft 1.3.0 / encodec 0.1.1 submodules), seeds, NaN-poisoned empties."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter; the flag is read when kernels are
+# decorated, so it must be set before anything imports fastcodec.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastcodec._oracles import import_oracle as _import_oracle  # noqa: E402  (after TRITON_INTERPRET)
+
+
+def import_oracle(name: str):
+    """``fastcodec._oracles.import_oracle`` that skips the test when the oracle is not installed."""
+    return _import_oracle(name, on_missing=pytest.skip)
+
+
+@pytest.fixture
+def oracle():
+    return import_oracle
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Fill torch.empty/empty_like/new_empty allocations with NaN so reads of uninitialised memory show."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*a, **k):
+        t = real_empty(*a, **k)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    def empty_like(*a, **k):
+        t = real_empty_like(*a, **k)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    yield
