@@ -94,8 +94,8 @@ class EncodecModel(nn.Module):
 
     # -- presets ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _get_model(target_bandwidths, sample_rate=24_000, channels=1, causal=True,
+    @classmethod
+    def _get_model(cls, target_bandwidths, sample_rate=24_000, channels=1, causal=True,
                    model_norm="weight_norm", audio_normalize=False, segment=None, name="unset",
                    encoder_cls=SEANetEncoder, decoder_cls=SEANetDecoder,
                    quantizer_cls=ResidualVectorQuantizer) -> "EncodecModel":
@@ -111,7 +111,7 @@ class EncodecModel(nn.Module):
         # encodec's training defaults (kmeans_iters 50); only used when training from scratch
         quantizer = quantizer_cls(dimension=encoder.dimension, n_q=n_q, bins=1024, decay=0.99,
                                   kmeans_init=True, kmeans_iters=50, threshold_ema_dead_code=2)
-        return EncodecModel(encoder, decoder, quantizer, target_bandwidths, sample_rate, channels,
+        return cls(encoder, decoder, quantizer, target_bandwidths, sample_rate, channels,
                             normalize=audio_normalize, segment=segment, name=name)
 
     @classmethod

@@ -1,0 +1,110 @@
+"""Argument checks shared by every backend: bad input raises a clear ValueError/TypeError here,
+before any kernel can read or write out of bounds."""
+from __future__ import annotations
+
+import torch
+
+
+def _name(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def check_float32(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+
+
+def check_codebooks(codebooks: torch.Tensor, code_norms: torch.Tensor | None = None) -> None:
+    check_float32("codebooks", codebooks)
+    if codebooks.dim() != 3:
+        raise ValueError(f"codebooks must be (n_q, bins, dim), got {_name(codebooks)}")
+    K, bins, D = codebooks.shape
+    if K == 0 or bins == 0 or D == 0:
+        raise ValueError(f"codebooks must be non-empty (n_q, bins, dim), got {_name(codebooks)}")
+    if not codebooks.is_contiguous():
+        raise ValueError("codebooks must be contiguous")
+    if code_norms is not None:
+        check_float32("code_norms", code_norms)
+        if tuple(code_norms.shape) != (K, bins) or not code_norms.is_contiguous():
+            raise ValueError(f"code_norms must be contiguous ({K}, {bins}), got {_name(code_norms)}")
+        if code_norms.device != codebooks.device:
+            raise ValueError(f"code_norms is on {code_norms.device} but codebooks on {codebooks.device}")
+
+
+def check_x(x: torch.Tensor, codebooks: torch.Tensor) -> None:
+    check_float32("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, dim, time), got {_name(x)}")
+    if x.shape[1] != codebooks.shape[2]:
+        raise ValueError(f"x has {x.shape[1]} channels but the codebooks have dim {codebooks.shape[2]}")
+    if x.shape[0] == 0 or x.shape[2] == 0:
+        raise ValueError(f"x is empty: {_name(x)} (batch and time must be >= 1)")
+    if x.device != codebooks.device:
+        raise ValueError(f"x is on {x.device} but the codebooks are on {codebooks.device}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (call .contiguous())")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf: the nearest codeword is undefined")
+
+
+def check_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> None:
+    check_codebooks(codebooks)
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dtype != torch.long:
+        raise TypeError(f"codes must be int64, got {codes.dtype}")
+    if codes.dim() != 3:
+        raise ValueError(f"codes must be (batch, n_q, time), got {_name(codes)}")
+    if codes.shape[1] != codebooks.shape[0]:
+        raise ValueError(f"codes have {codes.shape[1]} codebooks but {codebooks.shape[0]} were given")
+    if codes.shape[0] == 0 or codes.shape[2] == 0:
+        raise ValueError(f"codes are empty: {_name(codes)}")
+    if codes.device != codebooks.device:
+        raise ValueError(f"codes are on {codes.device} but the codebooks on {codebooks.device}")
+    if not codes.is_contiguous():
+        raise ValueError("codes must be contiguous (call .contiguous())")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= codebooks.shape[1]:
+        raise ValueError(f"codes out of range: found values in [{lo}, {hi}], allowed [0, {codebooks.shape[1]})")
+
+
+def check_ema(residuals, codes, cluster_size, embed_avg, embed, decay, epsilon) -> None:
+    check_float32("residuals", residuals)
+    check_codebooks(embed_avg)
+    K, bins, D = embed_avg.shape
+    if residuals.dim() != 4 or residuals.shape[0] != K or residuals.shape[2] != D:
+        raise ValueError(f"residuals must be ({K}, batch, {D}, time), got {_name(residuals)}")
+    B, T = residuals.shape[1], residuals.shape[3]
+    if codes.dtype != torch.long or tuple(codes.shape) != (B, K, T):
+        raise ValueError(f"codes must be int64 ({B}, {K}, {T}), got {_name(codes)}")
+    for n, t, shape in (("cluster_size", cluster_size, (K, bins)), ("embed", embed, (K, bins, D))):
+        check_float32(n, t)
+        if tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"{n} must be contiguous {shape}, got {_name(t)}")
+    for n, t in (("residuals", residuals), ("codes", codes)):
+        if not t.is_contiguous():
+            raise ValueError(f"{n} must be contiguous")
+    devs = {t.device for t in (residuals, codes, cluster_size, embed_avg, embed)}
+    if len(devs) != 1:
+        raise ValueError(f"ema_update tensors are on several devices: {sorted(map(str, devs))}")
+    if not (0.0 <= decay <= 1.0):
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= bins):
+        raise ValueError(f"codes out of range [0, {bins})")
+
+
+def check_kmeans(samples, means, num_iters) -> None:
+    check_float32("samples", samples)
+    check_float32("means", means)
+    if samples.dim() != 2 or means.dim() != 2 or samples.shape[1] != means.shape[1]:
+        raise ValueError(f"kmeans wants samples (N, D) and means (bins, D), got {_name(samples)}, {_name(means)}")
+    if samples.shape[0] == 0:
+        raise ValueError("kmeans got no samples")
+    if num_iters < 0:
+        raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+    if samples.device != means.device:
+        raise ValueError("samples and means are on different devices")

@@ -1,0 +1,628 @@
+"""Fused dilated conv1d: ``fastcodec::conv1d``, SEANet's pad -> ELU -> conv -> residual-add in one op.
+
+``y = conv1d(act(pad1d(x, (pad_left, pad_right), pad_mode)), weight, bias, stride, dilation) (+ skip)``
+
+- ``x``: (B, C_in, T) float32, any strides; ``weight``: (C_out, C_in, K); ``bias``: (C_out,) or None;
+  ``skip``: (B, C_out, T_out) or None; ``y``: (B, C_out, T_out) contiguous, with
+  ``T_out = (pad_left + T + pad_right - ((K - 1) * dilation + 1)) // stride + 1``.
+- ``pad1d`` is audiocraft's: ``constant`` pads zeros; ``reflect`` mirrors, and an input no longer than the
+  pad is first zero-extended to ``max(pad) + 1`` samples (the zeros are reflected too, then cut off).
+- ``act`` is ``ELU(alpha=elu_alpha)`` applied to the input (before padding; the two commute), or none.
+  SEANet puts an ELU in front of every conv except the first and the shortcut.
+
+Backends (``fastcodec._backend.choose("conv", device)``): ``cpp`` (csrc/conv1d_cpu.cpp, padding and ELU
+done while packing the input, no padded copy), ``cuda`` (csrc/conv1d_cuda.cu, see ``_cuda_lib``) and
+``reference`` (plain PyTorch, the oracle). The backward always runs in ATen.
+
+Weights: the C++ kernel wants a packed copy. ``_packed_weight`` caches it per weight tensor, keyed by
+the tensor itself (weakly), its ``data_ptr`` and its ``_version``, so an optimiser step or a
+``copy_`` repacks and nothing else does. ``weight_norm_weight(v, g)`` folds ``g * v / ||v||`` once per
+change of ``v`` or ``g`` and returns the same tensor until then, so the packed cache keeps hitting.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import threading
+import weakref
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, _build
+from ..reference.conv import pad1d
+
+PAD_MODES = ("constant", "reflect")
+_PAD_CODE = {"constant": 0, "reflect": 1}  # FC_PAD_* in csrc/conv1d_params.h
+
+IMPLS: dict[str, Callable] = {}
+
+
+def register_impl(backend: str):
+    def deco(fn):
+        IMPLS[backend] = fn
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes and checks
+# ---------------------------------------------------------------------------------------------
+
+
+def conv1d_output_length(length: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+                         pad_left: int = 0, pad_right: int = 0) -> int:
+    """Frames produced from ``length`` samples (``T_out`` in the module docstring)."""
+    return (pad_left + length + pad_right - ((kernel_size - 1) * dilation + 1)) // stride + 1
+
+
+def streamable_padding(length: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+                       causal: bool = False) -> tuple[int, int]:
+    """audiocraft's ``StreamableConv1d`` paddings ``(left, right)`` for an input of ``length`` samples.
+
+    Total ``(kernel_size - 1) * dilation + 1 - stride``, all left when causal, else the larger half left;
+    plus the extra right padding that makes the last window full (``get_extra_padding_for_conv1d``),
+    so the output has ``ceil(length / stride)`` frames.
+    """
+    span = (kernel_size - 1) * dilation + 1
+    total = span - stride
+    if total < 0:
+        raise ValueError(f"kernel span {span} is shorter than the stride {stride}: audiocraft's padding would be negative")
+    n_frames = (length - span + total) / stride + 1
+    extra = (math.ceil(n_frames) - 1) * stride + (span - total) - length
+    right = 0 if causal else total // 2
+    return total - right, right + extra
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+
+
+def _check_int(name: str, v, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+
+
+def check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha) -> None:
+    """Raise TypeError/ValueError naming the problem; shapes only, so it also runs on fake tensors."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, channels, time), got {_describe(x)}")
+    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"x is empty: {_describe(x)} (batch, channels and time must be >= 1)")
+    if weight.dim() != 3 or 0 in weight.shape:
+        raise ValueError(f"weight must be a non-empty (out_channels, in_channels, kernel_size), got {_describe(weight)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[1]} (groups=1)")
+    for name, v, low in (("stride", stride, 1), ("dilation", dilation, 1), ("pad_left", pad_left, 0),
+                         ("pad_right", pad_right, 0)):
+        _check_int(name, v, low)
+    if not isinstance(pad_mode, str) or pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    if elu_alpha is not None:
+        if isinstance(elu_alpha, bool) or not isinstance(elu_alpha, (int, float)):
+            raise TypeError(f"elu_alpha must be a float or None, got {type(elu_alpha).__name__}")
+        if not math.isfinite(elu_alpha):
+            raise ValueError(f"elu_alpha must be finite, got {elu_alpha}")
+    c_out, _, k = weight.shape
+    span = (k - 1) * dilation + 1
+    padded = pad_left + x.shape[2] + pad_right
+    if span > padded:
+        raise ValueError(
+            f"kernel span (kernel_size - 1) * dilation + 1 = {span} is longer than the padded input "
+            f"({pad_left} + {x.shape[2]} + {pad_right} = {padded} samples)"
+        )
+    devices = {x.device, weight.device}
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if tuple(bias.shape) != (c_out,):
+            raise ValueError(f"bias must be ({c_out},), got {_describe(bias)}")
+        devices.add(bias.device)
+    if skip is not None:
+        _check_tensor("skip", skip)
+        want = (x.shape[0], c_out, (padded - span) // stride + 1)
+        if tuple(skip.shape) != want:
+            raise ValueError(f"skip must have the output's shape {want}, got {_describe(skip)}")
+        devices.add(skip.device)
+    if len(devices) != 1:
+        raise ValueError(f"conv1d tensors are on several devices: {sorted(map(str, devices))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference implementation (the oracle for every other backend)
+# ---------------------------------------------------------------------------------------------
+
+
+def conv1d_reference(x, weight, bias=None, skip=None, stride=1, dilation=1, pad_left=0, pad_right=0,
+                     pad_mode="constant", elu_alpha=None):
+    """Plain PyTorch, in audiocraft's order: ELU, pad1d, F.conv1d, + skip. Any float dtype (tests use float64)."""
+    if elu_alpha is not None:
+        x = F.elu(x, elu_alpha)
+    y = F.conv1d(pad1d(x, (pad_left, pad_right), pad_mode), weight, bias, stride, 0, dilation)
+    return y if skip is None else y + skip
+
+
+IMPLS["reference"] = conv1d_reference
+
+
+# ---------------------------------------------------------------------------------------------
+# weight caches
+# ---------------------------------------------------------------------------------------------
+
+
+class _TensorCache:
+    """Values derived from tensors, valid while every key tensor is alive, unmoved and unmodified.
+
+    Keyed by the tensors' ids; an entry holds weak references (so a new tensor reusing an id or an
+    address never hits) plus each tensor's ``data_ptr`` and ``_version`` at the time it was computed.
+    Inference tensors have no version counter: they are never cached.
+    """
+
+    def __init__(self) -> None:
+        self._d: dict[tuple[int, ...], tuple] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _stamp(ts) -> tuple | None:
+        try:
+            return tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride())) for t in ts)
+        except RuntimeError:  # inference tensors do not track a version
+            return None
+
+    def get(self, ts, make: Callable[[], torch.Tensor], extra: tuple = ()) -> torch.Tensor:
+        stamp = self._stamp(ts)
+        if stamp is None:
+            return make()
+        key = tuple(id(t) for t in ts) + extra
+        with self._lock:
+            hit = self._d.get(key)
+        if hit is not None and all(r() is t for r, t in zip(hit[0], ts)) and hit[1] == stamp:
+            return hit[2]
+        value = make()
+        refs = tuple(weakref.ref(t, lambda _r, k=key: self._drop(k)) for t in ts)
+        with self._lock:
+            self._d[key] = (refs, stamp, value)
+        return value
+
+    def _drop(self, key) -> None:
+        with self._lock:
+            self._d.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+_packed_cache = _TensorCache()
+_folded_cache = _TensorCache()
+
+
+def weight_norm_weight(weight_v: torch.Tensor, weight_g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``weight_g * weight_v / ||weight_v||`` (norm over all dims but ``dim``), as ``torch._weight_norm``.
+
+    When autograd needs it (grad enabled and v or g requires grad) it is recomputed per call so
+    gradients flow; otherwise it is folded once per change of v or g and the same tensor comes back.
+    """
+    if torch.is_grad_enabled() and (weight_v.requires_grad or weight_g.requires_grad):
+        return torch._weight_norm(weight_v, weight_g, dim)
+    return _folded_cache.get((weight_v, weight_g), lambda: torch._weight_norm(weight_v.detach(), weight_g.detach(), dim))
+
+
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    return _packed_cache.get((weight,), lambda: _cpu_ext().pack_weight(weight.detach()), ("conv",))
+
+
+def _packed_weight_transposed(weight: torch.Tensor, stride: int) -> torch.Tensor:
+    ext = _cpu_ext()
+    return _packed_cache.get((weight,), lambda: ext.pack_weight(ext.polyphase_weight(weight.detach(), stride)),
+                             ("transposed", stride))
+
+
+def clear_weight_caches() -> None:
+    """Forget packed and folded weights. Needed only after writes that bypass the version counter
+    (``weight.data.copy_(...)`` on a ``.data`` alias, writes through numpy or DLPack)."""
+    _packed_cache.clear()
+    _folded_cache.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_ext():
+    sources, cflags = _backend.CPP_EXTENSIONS["conv_cpu"]
+    return _build.load_extension("conv_cpu", sources, cflags)
+
+
+def _cpp_probe() -> _backend.Availability:
+    try:
+        _cpu_ext()
+    except _build.ExtensionBuildError as e:
+        return _backend.Availability(False, str(e))
+    return _backend.Availability(True)
+
+
+_backend.register_probe("conv", "cpp", _cpp_probe)
+
+
+@register_impl("cpp")
+def _conv1d_cpp(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha):
+    c_out, _, k = weight.shape
+    t_out = conv1d_output_length(x.shape[2], k, stride, dilation, pad_left, pad_right)
+    out = torch.empty((x.shape[0], c_out, t_out), dtype=x.dtype, device=x.device)  # every element is written
+    _cpu_ext().conv1d(x, _packed_weight(weight), bias, skip, out, c_out, k, stride, dilation, pad_left, pad_right,
+                      _PAD_CODE[pad_mode], elu_alpha)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda backend: csrc/conv1d_cuda.cu built by plain nvcc into a shared library and called with ctypes.
+# The .cu has no torch headers (extern "C" launchers on raw pointers and a cudaStream_t), so the
+# binary does not depend on torch's C++ ABI and is exactly what CI compile-checks without a GPU.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Conv1dParams(ctypes.Structure):
+    """Mirror of FcConv1dParams (csrc/conv1d_params.h); its size is checked against the library's."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("x", "weight", "bias", "skip", "out")] + [
+        (n, ctypes.c_int64)
+        for n in ("batch", "c_in", "c_out", "t_in", "t_out", "kernel", "stride", "dilation", "pad_left",
+                  "pad_right", "reflect_len", "x_stride_b", "x_stride_c", "x_stride_t", "skip_stride_b",
+                  "skip_stride_c", "skip_stride_t", "out_stride_b", "out_stride_c")
+    ] + [("pad_mode", ctypes.c_int32), ("has_elu", ctypes.c_int32), ("elu_alpha", ctypes.c_float),
+         ("reserved", ctypes.c_int32)]
+
+
+_cuda = {"lib": None, "error": None}
+_cuda_lock = threading.Lock()
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_lib():
+    """Build (once per source/arch, cached and flock-guarded like ``_build``) and load the CUDA library."""
+    with _cuda_lock:
+        if _cuda["lib"] is not None:
+            return _cuda["lib"]
+        if _cuda["error"] is not None:
+            raise _build.ExtensionBuildError(_cuda["error"])
+        try:
+            _cuda["lib"] = _build_cuda_lib()
+        except Exception as e:
+            _cuda["error"] = f"fastcodec could not build/load csrc/conv1d_cuda.cu: {type(e).__name__}: {e}"
+            raise _build.ExtensionBuildError(_cuda["error"]) from e
+        return _cuda["lib"]
+
+
+def _build_cuda_lib():
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found: install the CUDA toolkit or set CUDA_HOME "
+                           "(or FASTCODEC_CONV_BACKEND=reference)")
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    src = _build.CSRC / "conv1d_cuda.cu"
+    hdr = _build.CSRC / "conv1d_params.h"
+    h = hashlib.sha256(src.read_bytes() + hdr.read_bytes() + arch.encode()).hexdigest()[:16]
+    bdir = _build.cache_root() / f"fastcodec-torch{torch.__version__}" / f"conv_cuda-{h}"
+    bdir.mkdir(parents=True, exist_ok=True)
+    so = bdir / "libfastcodec_conv1d_cuda.so"
+    with open(bdir / ".fastcodec-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not so.is_file():
+                tmp = bdir / f".tmp-{os.getpid()}.so"
+                cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                       f"-I{_build.CSRC}", "-o", str(tmp), str(src)]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+                os.replace(tmp, so)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    lib = ctypes.CDLL(str(so))
+    lib.fastcodec_conv1d_params_size.restype = ctypes.c_int64
+    lib.fastcodec_conv1d_cuda.restype = ctypes.c_int
+    lib.fastcodec_conv1d_cuda.argtypes = [ctypes.POINTER(_Conv1dParams), ctypes.c_int, ctypes.c_void_p]
+    lib.fastcodec_cuda_error_string.restype = ctypes.c_char_p
+    lib.fastcodec_cuda_error_string.argtypes = [ctypes.c_int]
+    if lib.fastcodec_conv1d_params_size() != ctypes.sizeof(_Conv1dParams):
+        raise RuntimeError("FcConv1dParams layout differs between conv1d_params.h and fastcodec/ops/conv.py")
+    return lib
+
+
+def _cuda_probe() -> _backend.Availability:
+    if not torch.cuda.is_available():
+        return _backend.Availability(False, "no CUDA device is available")
+    try:
+        _cuda_lib()
+    except _build.ExtensionBuildError as e:
+        return _backend.Availability(False, str(e))
+    return _backend.Availability(True)
+
+
+_backend.register_probe("conv", "cuda", _cuda_probe)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+@register_impl("cuda")
+def _conv1d_cuda(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha):
+    lib = _cuda_lib()
+    B, c_in, t_in = x.shape
+    c_out, _, k = weight.shape
+    t_out = conv1d_output_length(t_in, k, stride, dilation, pad_left, pad_right)
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty((B, c_out, t_out), dtype=x.dtype, device=x.device)
+    p = _Conv1dParams(
+        x=_ptr(x), weight=_ptr(weight), bias=_ptr(bias), skip=_ptr(skip), out=_ptr(out),
+        batch=B, c_in=c_in, c_out=c_out, t_in=t_in, t_out=t_out, kernel=k, stride=stride, dilation=dilation,
+        pad_left=pad_left, pad_right=pad_right,
+        reflect_len=max(t_in, max(pad_left, pad_right) + 1) if pad_mode == "reflect" else t_in,
+        x_stride_b=x.stride(0), x_stride_c=x.stride(1), x_stride_t=x.stride(2),
+        skip_stride_b=skip.stride(0) if skip is not None else 0,
+        skip_stride_c=skip.stride(1) if skip is not None else 0,
+        skip_stride_t=skip.stride(2) if skip is not None else 0,
+        out_stride_b=out.stride(0), out_stride_c=out.stride(1),
+        pad_mode=_PAD_CODE[pad_mode], has_elu=int(elu_alpha is not None),
+        elu_alpha=float(elu_alpha) if elu_alpha is not None else 0.0, reserved=0,
+    )
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    err = lib.fastcodec_conv1d_cuda(ctypes.byref(p), x.device.index or 0, stream)
+    if err != 0:
+        raise RuntimeError(f"fastcodec conv1d CUDA launch failed: {lib.fastcodec_cuda_error_string(err).decode()}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the op
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastcodec::conv1d", mutates_args=())
+def conv1d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    skip: Optional[torch.Tensor] = None,
+    stride: int = 1,
+    dilation: int = 1,
+    pad_left: int = 0,
+    pad_right: int = 0,
+    pad_mode: str = "constant",
+    elu_alpha: Optional[float] = None,
+) -> torch.Tensor:
+    """The op itself (see the module docstring); ``conv1d`` is the checked Python entry point."""
+    check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha)
+    backend = _backend.choose("conv", x.device)
+    return IMPLS[backend](x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha)
+
+
+@conv1d_op.register_fake
+def _(x, weight, bias=None, skip=None, stride=1, dilation=1, pad_left=0, pad_right=0, pad_mode="constant",
+      elu_alpha=None):
+    check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha)
+    t_out = conv1d_output_length(x.shape[2], weight.shape[2], stride, dilation, pad_left, pad_right)
+    return x.new_empty((x.shape[0], weight.shape[0], t_out))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (stride, dilation, pad_left, pad_right, pad_mode, elu_alpha, bias is not None)
+
+
+def _pad1d_backward(grad: torch.Tensor, length: int, pad_left: int, pad_right: int, pad_mode: str) -> torch.Tensor:
+    """Gradient of ``pad1d(x, (pad_left, pad_right), pad_mode)`` wrt x (..., length) given grad of its output."""
+    if pad_mode == "constant":
+        return grad[..., pad_left:pad_left + length]
+    extra = max(0, max(pad_left, pad_right) - length + 1)  # audiocraft's zero-extension of short inputs
+    if extra:
+        grad = F.pad(grad, (0, extra))
+    shape = grad.new_empty(grad.shape[:-1] + (length + extra,))
+    g = torch.ops.aten.reflection_pad1d_backward(grad, shape, [pad_left, pad_right])
+    return g[..., :length]
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    stride, dilation, pad_left, pad_right, pad_mode, elu_alpha, has_bias = ctx.args
+    # needs_input_grad can be shorter than the argument list when trailing optionals are None
+    need_x, need_w, need_b, need_skip = (tuple(ctx.needs_input_grad) + (False,) * 4)[:4]
+    xe = F.elu(x, elu_alpha) if elu_alpha is not None else x
+    padded = pad1d(xe, (pad_left, pad_right), pad_mode)
+    grad = grad.contiguous()
+    g_pad, g_w, g_b = torch.ops.aten.convolution_backward(
+        grad, padded, weight, [weight.shape[0]] if has_bias else None, [stride], [0], [dilation], False, [0], 1,
+        [need_x, need_w, need_b and has_bias],
+    )
+    g_x = None
+    if need_x:
+        g_x = _pad1d_backward(g_pad, x.shape[-1], pad_left, pad_right, pad_mode)
+        if elu_alpha is not None:
+            g_x = torch.ops.aten.elu_backward(g_x, elu_alpha, 1.0, 1.0, False, x)
+    return g_x, g_w, g_b if need_b else None, grad if need_skip else None, None, None, None, None, None, None
+
+
+conv1d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+           stride: int = 1, dilation: int = 1, pad_left: int = 0, pad_right: int = 0, pad_mode: str = "constant",
+           elu_alpha: float | None = None) -> torch.Tensor:
+    """``fastcodec::conv1d`` with its arguments checked first (TypeError/ValueError naming the problem).
+
+    x: (B, C_in, T); weight: (C_out, C_in, K); bias: (C_out,); skip: (B, C_out, T_out) -> (B, C_out, T_out).
+    """
+    check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha)
+    return conv1d_op(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode,
+                     None if elu_alpha is None else float(elu_alpha))
+
+
+# ---------------------------------------------------------------------------------------------
+# transposed conv: ``fastcodec::conv_transpose1d``, SEANet decoder's ELU -> ConvTranspose1d -> trim
+# ---------------------------------------------------------------------------------------------
+
+
+def streamable_trim(kernel_size: int, stride: int, causal: bool = False, trim_right_ratio: float = 1.0) -> tuple[int, int]:
+    """audiocraft's ``StreamableConvTranspose1d`` trims ``(left, right)`` of the ``kernel_size - stride`` padding."""
+    total = kernel_size - stride
+    if total < 0:
+        raise ValueError(f"kernel_size {kernel_size} is shorter than the stride {stride}: nothing to trim")
+    right = math.ceil(total * trim_right_ratio) if causal else total // 2
+    return total - right, right
+
+
+def conv_transpose1d_output_length(length: int, kernel_size: int, stride: int = 1, trim_left: int = 0,
+                                   trim_right: int = 0) -> int:
+    return (length - 1) * stride + kernel_size - trim_left - trim_right
+
+
+def check_conv_transpose1d_args(x, weight, bias, stride, trim_left, trim_right, elu_alpha) -> None:
+    """Raise TypeError/ValueError naming the problem; shapes only, so it also runs on fake tensors."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, channels, time), got {_describe(x)}")
+    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"x is empty: {_describe(x)} (batch, channels and time must be >= 1)")
+    if weight.dim() != 3 or 0 in weight.shape:
+        raise ValueError(f"weight must be a non-empty (in_channels, out_channels, kernel_size), got {_describe(weight)}")
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[0]} (groups=1)")
+    for name, v, low in (("stride", stride, 1), ("trim_left", trim_left, 0), ("trim_right", trim_right, 0)):
+        _check_int(name, v, low)
+    if elu_alpha is not None:
+        if isinstance(elu_alpha, bool) or not isinstance(elu_alpha, (int, float)):
+            raise TypeError(f"elu_alpha must be a float or None, got {type(elu_alpha).__name__}")
+        if not math.isfinite(elu_alpha):
+            raise ValueError(f"elu_alpha must be finite, got {elu_alpha}")
+    full = (x.shape[2] - 1) * stride + weight.shape[2]
+    if trim_left + trim_right >= full:
+        raise ValueError(f"trims ({trim_left}, {trim_right}) leave nothing of the {full} output samples")
+    devices = {x.device, weight.device}
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[1],):
+            raise ValueError(f"bias must be ({weight.shape[1]},), got {_describe(bias)}")
+        devices.add(bias.device)
+    if len(devices) != 1:
+        raise ValueError(f"conv_transpose1d tensors are on several devices: {sorted(map(str, devices))}")
+
+
+def conv_transpose1d_reference(x, weight, bias=None, stride=1, trim_left=0, trim_right=0, elu_alpha=None):
+    """Plain PyTorch, in audiocraft's order: ELU, F.conv_transpose1d, unpad1d. Any float dtype."""
+    if elu_alpha is not None:
+        x = F.elu(x, elu_alpha)
+    y = F.conv_transpose1d(x, weight, bias, stride)
+    return y[..., trim_left:y.shape[-1] - trim_right].contiguous()
+
+
+IMPLS_T: dict[str, Callable] = {"reference": conv_transpose1d_reference}
+
+
+def _conv_transpose1d_cpp(x, weight, bias, stride, trim_left, trim_right, elu_alpha):
+    c_out, k = weight.shape[1], weight.shape[2]
+    length = conv_transpose1d_output_length(x.shape[2], k, stride, trim_left, trim_right)
+    out = torch.empty((x.shape[0], c_out, length), dtype=x.dtype, device=x.device)  # every element is written
+    _cpu_ext().conv_transpose1d(x, _packed_weight_transposed(weight, stride), bias, out, c_out, k, stride, trim_left,
+                                elu_alpha)
+    return out
+
+
+IMPLS_T["cpp"] = _conv_transpose1d_cpp
+# cuda: cuDNN's transposed conv (through ATen) after the ELU; the .cu has no transposed kernel
+IMPLS_T["cuda"] = conv_transpose1d_reference
+
+
+@torch.library.custom_op("fastcodec::conv_transpose1d", mutates_args=())
+def conv_transpose1d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: int = 1,
+    trim_left: int = 0,
+    trim_right: int = 0,
+    elu_alpha: Optional[float] = None,
+) -> torch.Tensor:
+    """``conv_transpose1d(act(x), weight, bias, stride)[..., trim_left : full - trim_right]``.
+
+    x: (B, C_in, T); weight: (C_in, C_out, K) (ConvTranspose1d layout); bias: (C_out,)
+    -> (B, C_out, (T - 1) * stride + K - trim_left - trim_right), contiguous.
+    """
+    check_conv_transpose1d_args(x, weight, bias, stride, trim_left, trim_right, elu_alpha)
+    backend = _backend.choose("conv", x.device)
+    return IMPLS_T[backend](x, weight, bias, stride, trim_left, trim_right, elu_alpha)
+
+
+@conv_transpose1d_op.register_fake
+def _(x, weight, bias=None, stride=1, trim_left=0, trim_right=0, elu_alpha=None):
+    check_conv_transpose1d_args(x, weight, bias, stride, trim_left, trim_right, elu_alpha)
+    length = conv_transpose1d_output_length(x.shape[2], weight.shape[2], stride, trim_left, trim_right)
+    return x.new_empty((x.shape[0], weight.shape[1], length))
+
+
+def _setup_context_t(ctx, inputs, output):
+    x, weight, bias, stride, trim_left, trim_right, elu_alpha = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (stride, trim_left, trim_right, elu_alpha, bias is not None)
+
+
+def _backward_t(ctx, grad):
+    x, weight = ctx.saved_tensors
+    stride, trim_left, trim_right, elu_alpha, has_bias = ctx.args
+    need_x, need_w, need_b = (tuple(ctx.needs_input_grad) + (False,) * 3)[:3]
+    xe = F.elu(x, elu_alpha) if elu_alpha is not None else x
+    g_full = F.pad(grad, (trim_left, trim_right)).contiguous()  # trimmed samples get no gradient
+    g_xe, g_w, g_b = torch.ops.aten.convolution_backward(
+        g_full, xe, weight, [weight.shape[1]] if has_bias else None, [stride], [0], [1], True, [0], 1,
+        [need_x, need_w, need_b and has_bias],
+    )
+    g_x = g_xe
+    if need_x and elu_alpha is not None:
+        g_x = torch.ops.aten.elu_backward(g_xe, elu_alpha, 1.0, 1.0, False, x)
+    return g_x, g_w, g_b if need_b else None, None, None, None, None
+
+
+conv_transpose1d_op.register_autograd(_backward_t, setup_context=_setup_context_t)
+
+
+def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                     trim_left: int = 0, trim_right: int = 0, elu_alpha: float | None = None) -> torch.Tensor:
+    """``fastcodec::conv_transpose1d`` with its arguments checked first (TypeError/ValueError).
+
+    x: (B, C_in, T); weight: (C_in, C_out, K); bias: (C_out,) -> (B, C_out, (T-1)*stride + K - trims).
+    """
+    check_conv_transpose1d_args(x, weight, bias, stride, trim_left, trim_right, elu_alpha)
+    return conv_transpose1d_op(x, weight, bias, stride, trim_left, trim_right,
+                               None if elu_alpha is None else float(elu_alpha))

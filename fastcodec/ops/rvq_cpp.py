@@ -1,0 +1,62 @@
+"""The ``cpp`` backend of the RVQ ops: the fused CPU kernels in ``csrc/rvq_cpu.cpp``.
+
+The extension is built lazily (ninja, on the first call or probe, never at import) by
+``fastcodec._build.load_extension``. The op bodies in ``ops/rvq.py`` have already checked their
+arguments; the C++ checks them again so that a direct call can never read or write out of bounds.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from .. import _backend
+from .._build import ExtensionBuildError, load_extension
+from .rvq import register_impl
+
+EXTENSION = "rvq_cpu"
+
+
+def extension() -> ModuleType:
+    """The built ``rvq_cpu`` extension (builds it on first use; raises ``ExtensionBuildError``)."""
+    sources, cflags = _backend.CPP_EXTENSIONS[EXTENSION]
+    return load_extension(EXTENSION, sources, cflags)
+
+
+def _probe() -> _backend.Availability:
+    try:
+        extension()
+    except ExtensionBuildError as e:
+        return _backend.Availability(False, str(e))
+    return _backend.Availability(True)
+
+
+_backend.register_probe("rvq", "cpp", _probe)
+
+
+@register_impl("rvq_quantize", "cpp")
+def _quantize_cpp(x: torch.Tensor, codebooks: torch.Tensor, code_norms: torch.Tensor, need_residuals: bool):
+    codes, quantized, residuals = extension().encode(x, codebooks, code_norms, True, need_residuals)
+    return codes, quantized, residuals
+
+
+@register_impl("rvq_encode", "cpp")
+def _encode_cpp(x: torch.Tensor, codebooks: torch.Tensor, code_norms: torch.Tensor) -> torch.Tensor:
+    return extension().encode(x, codebooks, code_norms, False, False)[0]
+
+
+@register_impl("rvq_decode", "cpp")
+def _decode_cpp(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    return extension().decode(codes, codebooks)
+
+
+@register_impl("ema_update", "cpp")
+def _ema_cpp(residuals, codes, cluster_size, embed_avg, embed, decay: float, epsilon: float) -> None:
+    extension().ema_update(residuals, codes, cluster_size, embed_avg, embed, float(decay), float(epsilon))
+
+
+@register_impl("kmeans", "cpp")
+def _kmeans_cpp(samples: torch.Tensor, means: torch.Tensor, num_iters: int):
+    # the op allows strided inputs (check_kmeans does not demand contiguity); the kernel reads dense rows
+    new_means, counts, _ = extension().kmeans(samples.contiguous(), means.contiguous(), int(num_iters))
+    return new_means, counts

@@ -1,0 +1,151 @@
+"""``fastcodec.ResidualVectorQuantizer``: the drop-in, fast residual vector quantizer.
+
+Same constructor, attributes, ``state_dict`` and results as audiocraft's (and our reference,
+which it subclasses for its parameters, buffers and input checks); the work goes through
+``fastcodec.ops`` (C++ on CPU, Triton on CUDA). With ``FASTCODEC_BACKEND=reference`` it runs the
+reference code.
+
+- ``encode`` / eval ``forward``: one fused op over all active layers (``rvq_encode`` / ``rvq_quantize``).
+- ``decode``: one gather-sum op.
+- training ``forward`` (and the first call of a k-means-initialised quantizer, as in audiocraft):
+  layer by layer, in the reference's order of operations and of torch RNG draws (k-means init via the
+  ``kmeans`` op, dead-code expiry, EMA via ``ema_update``), so with the same seed the buffers match the
+  reference's to float32 rounding.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from . import _backend, ops
+from .reference import functional as Fq
+from .reference.quantization import QuantizedResult
+from .reference.quantization import ResidualVectorQuantizer as _ReferenceRVQ
+
+_warned_dtypes: set = set()
+
+
+class ResidualVectorQuantizer(_ReferenceRVQ):
+    """Drop-in for ``audiocraft.quantization.ResidualVectorQuantizer`` (same arguments)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cb_cache: tuple | None = None
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _use_reference(self) -> bool:
+        embed = self.vq.layers[0]._codebook.embed
+        if torch.compiler.is_compiling():
+            return False  # the custom ops choose their backend at run time, inside the op
+        if _backend.choose("rvq", embed.device) == "reference":
+            return True
+        if embed.dtype != torch.float32:
+            if embed.dtype not in _warned_dtypes:
+                _warned_dtypes.add(embed.dtype)
+                warnings.warn(f"fastcodec: the RVQ kernels are float32-only; a {embed.dtype} quantizer "
+                              "runs the reference code", RuntimeWarning, stacklevel=3)
+            return True
+        return False
+
+    def _codebooks(self, n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked codebooks (n_q, bins, D) and norms |e|^2 (n_q, bins), rebuilt only when an
+        embed buffer changed (tracked by its version counter and storage)."""
+        embeds = [layer._codebook.embed for layer in self.vq.layers[:n_q]]
+        if torch.compiler.is_compiling():
+            cb = torch.stack([e.detach() for e in embeds])
+            return cb, cb.pow(2).sum(-1)
+        key = tuple((e.data_ptr(), e._version, e.device) for e in embeds)
+        if self._cb_cache is None or self._cb_cache[0] != key:
+            cb = torch.stack([e.detach() for e in embeds]).contiguous()
+            self._cb_cache = (key, cb, cb.pow(2).sum(-1).contiguous())
+        return self._cb_cache[1], self._cb_cache[2]
+
+    def _check_x(self, x) -> None:
+        if torch.compiler.is_compiling():
+            return  # shape/dtype/NaN checks run inside the op (data-dependent checks cannot be traced)
+        super()._check_x(x)
+
+    # -- public API ------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, D, T) -> codes (B, num_codebooks, T) int64."""
+        if self._use_reference():
+            return super().encode(x)
+        self._check_x(x)
+        cb, norms = self._codebooks(self.n_q)
+        return ops.rvq_encode(x.detach().contiguous(), cb, norms)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: (B, K, T) integers in [0, bins), 1 <= K <= total_codebooks -> (B, D, T)."""
+        if self._use_reference():
+            return super().decode(codes)
+        if not torch.compiler.is_compiling():
+            codes = Fq.check_codes(codes, self.max_n_q, self.bins, self.vq.layers[0].codebook.device)
+        cb, _ = self._codebooks(codes.shape[1])
+        return ops.rvq_decode(codes.contiguous(), cb)
+
+    def forward(self, x: torch.Tensor, frame_rate: float) -> QuantizedResult:
+        """x: (B, D, T), frame_rate in Hz -> QuantizedResult(x, codes (B, n_q, T), bandwidth, penalty)."""
+        if self._use_reference():
+            return super().forward(x, frame_rate)
+        self._check_x(x)
+        Fq.check_frame_rate(frame_rate)
+        n_q = self.n_q
+        if self.training and self.q_dropout:
+            n_q = int(torch.randint(1, self.n_q + 1, (1,)).item())
+        bw = torch.tensor(n_q * math.log2(self.bins) * frame_rate / 1000).to(x)
+        layers = self.vq.layers[:n_q]
+        if self.training or not all(bool(layer._codebook.inited) for layer in layers):
+            return self._forward_layers(x, n_q, bw)
+        cb, norms = self._codebooks(n_q)
+        codes, quantized, _ = ops.rvq_quantize(x.detach().contiguous(), cb, norms, False)
+        # audiocraft: every layer's loss is tensor([0.]) outside training; the penalty is their mean
+        penalty = torch.zeros(n_q, 1, device=x.device).mean()
+        return QuantizedResult(quantized, codes, bw, penalty=penalty)
+
+    def _forward_layers(self, x: torch.Tensor, n_q: int, bw: torch.Tensor) -> QuantizedResult:
+        B, D, T = x.shape
+        training = self.training
+        residual = x.detach().contiguous()
+        ident = x - x.detach()  # zero-valued; gives the commitment loss its gradient to x
+        quantized_out, all_codes, losses = None, [], []
+        for layer in self.vq.layers[:n_q]:
+            cbk = layer._codebook
+            samples = residual.transpose(1, 2).reshape(B * T, D)
+            if not bool(cbk.inited):
+                init = Fq.sample_vectors(samples, cbk.codebook_size)
+                means, counts = ops.kmeans(samples.contiguous(), init.contiguous(), cbk.kmeans_iters)
+                cbk.embed.data.copy_(means)
+                cbk.embed_avg.data.copy_(means)
+                cbk.cluster_size.data.copy_(counts)
+                cbk.inited.data.fill_(1.0)
+            cb = cbk.embed.detach().unsqueeze(0).contiguous()
+            codes, q, _ = ops.rvq_quantize(residual, cb, cb.pow(2).sum(-1), False)
+            if training:
+                # dead-code expiry: audiocraft overwrites the replaced codes in the EMA step of the
+                # same call, so only its RNG draw is observable; make the same draw.
+                if cbk.threshold_ema_dead_code > 0 and bool((cbk.cluster_size < cbk.threshold_ema_dead_code).any()):
+                    Fq.sample_vectors(samples, cbk.codebook_size)
+                ops.ema_update(residual.unsqueeze(0), codes, cbk.cluster_size.data.unsqueeze(0),
+                               cbk.embed_avg.data.unsqueeze(0), cbk.embed.data.unsqueeze(0),
+                               float(cbk.decay), float(cbk.epsilon))
+                q = residual + (q - residual)  # the value of audiocraft's straight-through output
+                loss = torch.zeros(1, device=x.device, requires_grad=True)
+                if layer.commitment_weight > 0:
+                    r = residual + ident  # value: the residual; gradient: identity to x
+                    loss = loss + Fq.commitment_loss(r.transpose(1, 2), q.transpose(1, 2)) * layer.commitment_weight
+                if layer.orthogonal_reg_weight > 0:
+                    loss = loss + layer._orthogonal_penalty(codes[:, 0], x.device) * layer.orthogonal_reg_weight
+            else:
+                loss = torch.zeros(1, device=x.device)
+            losses.append(loss)
+            all_codes.append(codes)
+            residual = residual - q
+            quantized_out = q if quantized_out is None else quantized_out + q
+        if training:
+            quantized_out = x + (quantized_out - x).detach()
+        return QuantizedResult(quantized_out, torch.cat(all_codes, dim=1), bw,
+                               penalty=torch.mean(torch.stack(losses)))

@@ -1,0 +1,253 @@
+"""``fastcodec.SEANetEncoder`` / ``SEANetDecoder``: the drop-in, fast SEANet.
+
+Same arguments, attributes and ``state_dict`` as audiocraft's (they subclass our reference). The
+forward walks a plan compiled once from ``self.model``: each ``ELU -> StreamableConv1d`` pair becomes
+one ``fastcodec::conv1d`` call (padding and ELU inside the kernel, no padded copy), each residual
+block's last conv adds the shortcut in its epilogue, and each ``ELU -> StreamableConvTranspose1d``
+becomes one ``fastcodec::conv_transpose1d`` call (trim included). The LSTM runs through
+``fastcodec::lstm`` (ATen's LSTM behind an opaque op, so ``torch.compile(fullgraph=True)`` traces
+the whole module). Weight-norm weights are folded once per parameter change. Other activations,
+norms (time_group_norm) and modules run as they are. ``FASTCODEC_BACKEND=reference`` (or
+``FASTCODEC_CONV_BACKEND``) runs the reference forward.
+"""
+from __future__ import annotations
+
+import typing as tp
+
+import torch
+from torch import nn
+
+from . import _backend
+from .ops import conv as conv_ops
+from .reference import seanet as ref_seanet
+from .reference.conv import StreamableConv1d, StreamableConvTranspose1d, get_extra_padding_for_conv1d
+from .reference.lstm import StreamableLSTM
+from .streaming import StreamingMixin
+
+
+# ---------------------------------------------------------------------------------------------
+# fastcodec::lstm: ATen's multi-layer LSTM as an opaque op (dynamo cannot trace nn.LSTM)
+# ---------------------------------------------------------------------------------------------
+
+
+def _lstm_impl(x: torch.Tensor, weights: list[torch.Tensor], num_layers: int) -> torch.Tensor:
+    # x: (T, B, C) time-major; weights: [w_ih, w_hh, b_ih, b_hh] per layer
+    h0 = x.new_zeros(num_layers, x.shape[1], weights[1].shape[1])
+    out = torch._VF.lstm(x, (h0, h0), weights, True, num_layers, 0.0, False, False, False)
+    return out[0]
+
+
+@torch.library.custom_op("fastcodec::lstm", mutates_args=())
+def lstm_op(x: torch.Tensor, weights: list[torch.Tensor], num_layers: int) -> torch.Tensor:
+    """Multi-layer unidirectional LSTM from zero state. x: (T, B, C) -> (T, B, hidden)."""
+    return _lstm_impl(x, weights, num_layers).clone()
+
+
+@lstm_op.register_fake
+def _(x, weights, num_layers):
+    return x.new_empty((x.shape[0], x.shape[1], weights[1].shape[1]))
+
+
+def _lstm_setup(ctx, inputs, output):
+    x, weights, num_layers = inputs
+    ctx.save_for_backward(x, *weights)
+    ctx.num_layers = num_layers
+
+
+def _lstm_backward(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    with torch.enable_grad():  # recompute: the forward kept no graph (it ran inside an opaque op)
+        xs = x.detach().requires_grad_(x.requires_grad)
+        ws = [w.detach().requires_grad_(w.requires_grad) for w in weights]
+        y = _lstm_impl(xs, ws, ctx.num_layers)
+        wanted = [t for t in [xs, *ws] if t.requires_grad]
+        got = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True)) if wanted else iter(())
+    gx = next(got) if xs.requires_grad else None
+    gws = [next(got) if w.requires_grad else None for w in ws]
+    return gx, gws, None
+
+
+lstm_op.register_autograd(_lstm_backward, setup_context=_lstm_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+
+
+def _weight(conv: nn.Module) -> torch.Tensor:
+    params = conv._parameters
+    if "weight_v" in params:
+        if torch.compiler.is_compiling():
+            return torch._weight_norm(params["weight_v"], params["weight_g"], 0)
+        return conv_ops.weight_norm_weight(params["weight_v"], params["weight_g"])
+    return conv.weight
+
+
+def _elu_alpha(act: nn.Module | None) -> float | None:
+    return float(act.alpha) if isinstance(act, nn.ELU) and not act.inplace else None
+
+
+class _ConvStep:
+    """[activation ->] StreamableConv1d [-> norm] [+ skip]."""
+
+    def __init__(self, module: StreamableConv1d, act: nn.Module | None):
+        self.module = module
+        self.conv = module.conv.conv
+        self.norm = module.conv.norm
+        self.alpha = _elu_alpha(act)
+        self.act = act if (act is not None and self.alpha is None) else None
+        self.fuse_skip = isinstance(self.norm, nn.Identity)
+        k = (self.conv.kernel_size[0] - 1) * self.conv.dilation[0] + 1
+        self.stride, self.dilation = self.conv.stride[0], self.conv.dilation[0]
+        self.span, self.padding_total = k, k - self.stride
+        if self.conv.groups != 1:
+            raise NotImplementedError("grouped convs are not part of SEANet")
+
+    def __call__(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        extra = get_extra_padding_for_conv1d(x, self.span, self.stride, self.padding_total)
+        if self.module.causal:
+            left, right = self.padding_total, extra
+        else:
+            right = self.padding_total // 2
+            left, right = self.padding_total - right, right + extra
+        fused_skip = skip if self.fuse_skip else None
+        y = conv_ops.conv1d(x, _weight(self.conv), self.conv.bias, fused_skip, self.stride, self.dilation,
+                            left, right, self.module.pad_mode, self.alpha)
+        y = self.norm(y)
+        if skip is not None and fused_skip is None:
+            y = y + skip
+        return y
+
+
+class _ConvTrStep:
+    """[activation ->] StreamableConvTranspose1d [-> norm] -> trim."""
+
+    def __init__(self, module: StreamableConvTranspose1d, act: nn.Module | None):
+        self.convtr = module.convtr.convtr
+        self.norm = module.convtr.norm
+        self.alpha = _elu_alpha(act)
+        self.act = act if (act is not None and self.alpha is None) else None
+        k, s = self.convtr.kernel_size[0], self.convtr.stride[0]
+        self.stride = s
+        self.trim = conv_ops.streamable_trim(k, s, module.causal, module.trim_right_ratio)
+        if self.convtr.groups != 1 or self.convtr.dilation[0] != 1 or self.convtr.output_padding[0] != 0:
+            raise NotImplementedError("SEANet's transposed convs have groups 1, dilation 1, no output_padding")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        if isinstance(self.norm, nn.Identity):
+            return conv_ops.conv_transpose1d(x, _weight(self.convtr), self.convtr.bias, self.stride,
+                                             self.trim[0], self.trim[1], self.alpha)
+        # audiocraft normalises before trimming (time_group_norm statistics include the trimmed edges)
+        y = self.norm(conv_ops.conv_transpose1d(x, _weight(self.convtr), self.convtr.bias, self.stride,
+                                                0, 0, self.alpha))
+        return y[..., self.trim[0]: y.shape[-1] - self.trim[1]]
+
+
+class _ResStep:
+    """SEANetResnetBlock: shortcut(x) + block(x), the add fused into the block's last conv."""
+
+    def __init__(self, block: ref_seanet.SEANetResnetBlock):
+        mods = list(block.block)
+        self.steps = [_ConvStep(mods[i + 1], mods[i]) for i in range(0, len(mods), 2)]
+        sc = block.shortcut
+        self.shortcut = None if isinstance(sc, nn.Identity) else _ConvStep(sc, None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        skip = x if self.shortcut is None else self.shortcut(x)
+        h = x
+        for step in self.steps[:-1]:
+            h = step(h)
+        return self.steps[-1](h, skip)
+
+
+class _LSTMStep:
+    def __init__(self, module: StreamableLSTM):
+        lstm = module.lstm
+        if lstm.bidirectional or not lstm.bias or lstm.batch_first or lstm.proj_size:
+            raise NotImplementedError("SEANet's LSTM is unidirectional, with biases, time-major")
+        # the Parameter objects themselves (stable across .to()/load_state_dict, which write in place):
+        # dynamo refuses to trace any access to an nn.LSTM module
+        self.weights = [getattr(lstm, n) for n in lstm._flat_weights_names]
+        self.num_layers = lstm.num_layers
+        self.skip = module.skip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xt = x.permute(2, 0, 1)
+        y = lstm_op(xt.contiguous(), self.weights, self.num_layers)
+        if self.skip:
+            y = y + xt
+        return y.permute(1, 2, 0)
+
+
+def compile_plan(model: nn.Sequential) -> list[tp.Callable[[torch.Tensor], torch.Tensor]]:
+    """The fused steps of a SEANet ``model`` Sequential (activations merged into the next conv)."""
+    mods = list(model)
+    plan: list = []
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if not isinstance(m, (StreamableConv1d, StreamableConvTranspose1d, ref_seanet.SEANetResnetBlock,
+                              StreamableLSTM)) and isinstance(nxt, (StreamableConv1d, StreamableConvTranspose1d)):
+            plan.append(_ConvStep(nxt, m) if isinstance(nxt, StreamableConv1d) else _ConvTrStep(nxt, m))
+            i += 2
+            continue
+        if isinstance(m, StreamableConv1d):
+            plan.append(_ConvStep(m, None))
+        elif isinstance(m, StreamableConvTranspose1d):
+            plan.append(_ConvTrStep(m, None))
+        elif isinstance(m, ref_seanet.SEANetResnetBlock):
+            plan.append(_ResStep(m))
+        elif isinstance(m, StreamableLSTM):
+            plan.append(_LSTMStep(m))
+        else:
+            plan.append(m)
+        i += 1
+    return plan
+
+
+class _FastSEANet:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fast_plan()  # built eagerly: a plan built inside torch.compile would trace nn.LSTM
+
+    def _fast_plan(self) -> list:
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = compile_plan(self.model)
+            self.__dict__["_plan"] = plan
+        return plan
+
+    def _use_reference(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        return _backend.choose("conv", x.device) == "reference" or x.dtype != torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_reference(x) if isinstance(x, torch.Tensor) else True:
+            return super().forward(x)
+        self._check(x)
+        for step in self._fast_plan():
+            x = step(x)
+        return x
+
+
+class SEANetEncoder(StreamingMixin, _FastSEANet, ref_seanet.SEANetEncoder):
+    """Drop-in for ``audiocraft.modules.SEANetEncoder``. x: (B, channels, T) -> (B, dimension, ceil(T / hop))."""
+
+    def _check(self, x: torch.Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            ref_seanet._check_input(self, x, self.channels, "SEANetEncoder")
+
+
+class SEANetDecoder(StreamingMixin, _FastSEANet, ref_seanet.SEANetDecoder):
+    """Drop-in for ``audiocraft.modules.SEANetDecoder``. z: (B, dimension, T) -> (B, channels, T * hop)."""
+
+    def _check(self, x: torch.Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            ref_seanet._check_input(self, x, self.dimension, "SEANetDecoder")

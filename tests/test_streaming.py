@@ -1,0 +1,462 @@
+"""Exact streaming (``fastcodec.streaming``): ``cat(stream(c1), stream(c2), ..., stream_flush())`` against
+the offline pass of ``cat(c1, c2, ...)``, for every split.
+
+Tolerances. float64: the stream runs the same arithmetic as the offline pass in another summation order
+(chunked GEMMs, ``lstm_cell`` steps), so the difference is float64 rounding: measured <= 7.1e-16 on outputs
+of magnitude ~0.1; bound 1e-12, while any padding/overlap/state slip is >= 1e-3. float32: the bound is
+relative to PyTorch's own float32 error, ``err32 = max|offline32 - offline64|``; over 60 random splits
+(0.1-0.5 s, chunks 1..T samples) the stream's error ``max|stream32 - offline64|`` measured <= 1.41 * err32
+(the small-frame GEMMs and the LSTM steps sum in another order), so the bound is 3 * err32.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastcodec import streaming as S
+from fastcodec.reference.conv import StreamableConv1d
+from fastcodec.reference.model import EncodecModel
+from fastcodec.reference.seanet import SEANetDecoder, SEANetEncoder
+from tests.utils import assert_codes_equivalent, max_abs_err, requires_cuda
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+
+F64_ATOL = 1e-12  # float64 rounding of a reordered sum: measured <= 7.1e-16 (see the module docstring)
+F32_FACTOR = 3.0  # stream32 vs offline64 over offline32 vs offline64: measured <= 1.41
+HOP = 320
+
+
+def _perturb_weight_norm(model: torch.nn.Module) -> None:
+    # weight_norm starts at g = ||v||, which would hide a wrong fold
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "weight_g"):
+                m.weight_g.mul_(torch.empty_like(m.weight_g).uniform_(0.5, 1.5))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the shared 2-core machine runs several suites at once: a 2-thread OpenMP barrier then waits on a
+    # descheduled thread, measured 40x slower (0.3 s of audio through the encoder: 2.7 s vs 0.065 s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model24():
+    """The causal 24 kHz codec (random weights) at 6 kbps, codebooks set, and its float64 copy."""
+    torch.manual_seed(1234)
+    model = S.StreamingEncodecModel.encodec_model_24khz()
+    _perturb_weight_norm(model)
+    with torch.no_grad():
+        z = model.encoder(torch.randn(1, 1, 4 * HOP))
+        sigma = z.std().item()
+        for k, layer in enumerate(model.quantizer.vq.layers):
+            layer._codebook.embed.copy_(torch.randn_like(layer._codebook.embed) * sigma * 0.6 ** k)
+            layer._codebook.inited.fill_(1.0)
+    model.set_target_bandwidth(6.0)
+    return model, copy.deepcopy(model).double()
+
+
+def _run(module, x: torch.Tensor, sizes, state=None):
+    """Stream ``x`` (B, C, T) in chunks of ``sizes``; returns (cat of outputs + flush, per-chunk lengths)."""
+    state = S.stream_state(module, x.shape[0]) if state is None else state
+    outs, i = [], 0
+    for n in sizes:
+        y, state = S.stream(module, x[..., i:i + n], state)
+        outs.append(y)
+        i += n
+    assert i == x.shape[-1]
+    outs.append(S.stream_flush(module, state))
+    return torch.cat(outs, -1), [o.shape[-1] for o in outs]
+
+
+def _split(total: int, kind: str, seed: int = 0, unit: int = HOP) -> list[int]:
+    if kind == "huge":
+        return [total]
+    if kind == "single":
+        return [1] * total
+    if kind == "hop":
+        step = unit
+    elif kind == "odd":
+        step = 97 if unit > 1 else 3
+    else:
+        rng, sizes = random.Random(seed), []
+        while total > 0:
+            sizes.append(min(total, rng.randint(1, 3 * unit)))
+            total -= sizes[-1]
+        return sizes
+    return [step] * (total // step) + ([total % step] if total % step else [])
+
+
+def _assert_f32(streamed: torch.Tensor, offline32: torch.Tensor, offline64: torch.Tensor, name: str) -> None:
+    assert streamed.shape == offline32.shape, f"{name}: shape {tuple(streamed.shape)} != {tuple(offline32.shape)}"
+    err32 = max_abs_err(offline32, offline64)
+    err = max_abs_err(streamed, offline64)
+    assert err <= F32_FACTOR * err32, (f"{name}: stream error {err:.3e} vs float64 exceeds {F32_FACTOR} x the "
+                                       f"offline float32 error {err32:.3e}")
+
+
+# ------------------------------------------------------------------------------ 24 kHz exactness
+
+
+@pytest.mark.parametrize("kind,seconds", [("huge", 0.3), ("hop", 0.3), ("odd", 0.3), ("random", 0.5),
+                                          ("single", 0.1)])
+def test_encoder_stream_equals_offline(model24, kind, seconds):
+    model, model64 = model24
+    x = torch.randn(1, 1, int(seconds * 24000))
+    with torch.no_grad():
+        off32, off64 = model.encoder(x), model64.encoder(x.double())
+    y, _ = _run(model.encoder, x, _split(x.shape[-1], kind, seed=3))
+    _assert_f32(y, off32, off64, f"encoder/{kind}")
+
+
+@pytest.mark.parametrize("kind", ["huge", "hop", "odd", "random"])
+def test_decoder_stream_equals_offline(model24, kind):
+    model, model64 = model24
+    z = torch.randn(1, 128, 30) * 0.1  # 0.4 s of latents
+    with torch.no_grad():
+        off32, off64 = model.decoder(z), model64.decoder(z.double())
+    y, _ = _run(model.decoder, z, _split(z.shape[-1], kind, seed=5, unit=1))
+    _assert_f32(y, off32, off64, f"decoder/{kind}")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_splits_float64(model24, data):
+    """Any split, float64: the stream is the offline pass up to float64 rounding (encoder and decoder)."""
+    _, model64 = model24
+    side = data.draw(st.sampled_from(["encoder", "decoder"]), label="side")
+    if side == "encoder":
+        total = data.draw(st.integers(1, 4800), label="samples")
+        x = torch.randn(1, 1, total, dtype=torch.float64)
+        max_chunk = data.draw(st.sampled_from([7, 320, 1000, 4800]), label="max_chunk")
+    else:
+        total = data.draw(st.integers(1, 24), label="frames")
+        x = torch.randn(1, 128, total, dtype=torch.float64) * 0.1
+        max_chunk = data.draw(st.sampled_from([1, 3, 24]), label="max_chunk")
+    sizes, left = [], total
+    while left:
+        sizes.append(data.draw(st.integers(1, min(left, max_chunk))))
+        left -= sizes[-1]
+    module = getattr(model64, side)
+    with torch.no_grad():
+        expected = module(x)
+    y, _ = _run(module, x, sizes)
+    assert y.shape == expected.shape
+    assert max_abs_err(y, expected) <= F64_ATOL
+
+
+def test_startup_delay_is_the_reflect_padding(model24):
+    """24 kHz, reflect: nothing before 7 frames of input (the last conv mirrors 6 frames), then 7 frames at
+    once, then one per 320 samples; the last partial frame only at flush. Zero padding: no delay."""
+    model, _ = model24
+    x = torch.randn(1, 1, 10 * HOP + 5)
+    _, lens = _run(model.encoder, x, _split(x.shape[-1], "hop"))
+    assert lens == [0] * 6 + [7, 1, 1, 1, 0, 1]
+    zero = S.StreamingSEANetEncoder(channels=1, dimension=128, n_filters=32, n_residual_layers=1,
+                                    ratios=[8, 5, 4, 2], norm="weight_norm", causal=True, pad_mode="constant",
+                                    true_skip=False, lstm=2)
+    y, lens = _run(zero, x, _split(x.shape[-1], "hop"))
+    assert lens == [1] * 10 + [0, 1]
+    with torch.no_grad():
+        _assert_f32(y, zero(x), copy.deepcopy(zero).double()(x.double()), "zero-padded encoder")
+    _, lens = _run(model.decoder, torch.randn(1, 128, 9) * 0.1, [1] * 9)
+    assert lens == [0] * 6 + [7 * HOP, HOP, HOP, 0]
+
+
+# ------------------------------------------------------------------------------ the codec
+
+
+def test_codec_stream_codes_and_audio(model24):
+    model, model64 = model24
+    x = torch.randn(2, 1, 7000)
+    sizes = _split(x.shape[-1], "random", seed=11)
+    with torch.no_grad():
+        latent = model.encoder(x)
+        codes_off = model.encode(x)[0][0]
+        audio_off = model(x)
+    state = model.encode_state(2)
+    parts = []
+    for i, n in zip([sum(sizes[:j]) for j in range(len(sizes))], sizes):
+        codes, state = model.stream_encode(x[..., i:i + n], state)
+        assert codes.dtype == torch.long and codes.shape[:2] == (2, 8)
+        parts.append(codes)
+    parts.append(model.stream_encode_flush(state))
+    codes = torch.cat(parts, -1)
+    assert_codes_equivalent(codes, codes_off, latent, model.quantizer.codebooks()[:8])
+
+    dstate = model.decode_state(2)
+    audio = [model.stream_decode(codes[..., t:t + 2], dstate)[0] for t in range(0, codes.shape[-1], 2)]
+    audio = torch.cat(audio + [model.stream_decode_flush(dstate)], -1)
+    with torch.no_grad():
+        decoded_off, decoded64 = model.decode(codes), model64.decode(codes)
+        # the float64 oracle of the round trip decodes the offline float32 codes (float64 codes could flip)
+        audio64 = model64.decode(codes_off)[..., :x.shape[-1]]
+    assert audio.shape == (2, 1, codes.shape[-1] * HOP)
+    _assert_f32(audio, decoded_off, decoded64, "stream_decode")
+
+    rt, _ = _run(model, x, sizes)
+    assert rt.shape == x.shape  # forward's trim to the input length
+    _assert_f32(rt, audio_off, audio64, "audio -> codes -> audio")
+
+
+def test_non_causal_configs_are_refused():
+    m48 = EncodecModel.encodec_model_48khz()
+    with pytest.raises(S.NotStreamableError, match="non-causal"):
+        S.stream_state(m48, 1)
+    with pytest.raises(S.NotStreamableError, match="non-causal"):
+        S.StreamingEncodecModel.encodec_model_48khz().encode_state(1)
+    musicgen32 = dict(channels=1, dimension=128, n_filters=64, n_residual_layers=1, ratios=[8, 5, 4, 4],
+                      norm="weight_norm", causal=False, pad_mode="constant", true_skip=True, compress=2, lstm=2)
+    for cls in (SEANetEncoder, SEANetDecoder):
+        with pytest.raises(S.NotStreamableError, match="non-causal.*future"):
+            S.stream_state(cls(**musicgen32), 1)
+    circular = SEANetEncoder(**{**SMALL, "pad_mode": "circular"})
+    with pytest.raises(S.NotStreamableError, match="circular"):
+        S.stream_state(circular, 1)
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def test_state_copy_branches_independently(model24):
+    model, _ = model24
+    enc = model.encoder
+    x = torch.randn(1, 1, 12 * HOP)
+    state = enc.stream_state(1)
+    for i in range(8):
+        enc.stream(x[..., i * HOP:(i + 1) * HOP], state)
+    fork = state.copy()
+    a = enc.stream(x[..., 8 * HOP:12 * HOP], state)[0]
+    b_other = enc.stream(torch.randn(1, 1, 4 * HOP), fork.copy())[0]
+    b = enc.stream(x[..., 8 * HOP:12 * HOP], fork)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, b_other)
+    assert torch.equal(enc.stream_flush(state), enc.stream_flush(fork))
+
+
+def test_state_dict_round_trip(model24):
+    model, _ = model24
+    x = torch.randn(1, 1, 9 * HOP + 17)
+    state = model.stream_state(1)
+    model.stream(x[..., :5 * HOP + 3], state)
+    buf = io.BytesIO()
+    torch.save(state.state_dict(), buf)
+    buf.seek(0)
+    loaded = model.stream_state(1).load_state_dict(torch.load(buf, weights_only=True))
+    a = torch.cat([model.stream(x[..., 5 * HOP + 3:], state)[0], model.stream_flush(state)], -1)
+    b = torch.cat([model.stream(x[..., 5 * HOP + 3:], loaded)[0], model.stream_flush(loaded)], -1)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="does not match"):
+        model.encoder.stream_state(1).load_state_dict(model.decoder.stream_state(1).state_dict())
+
+
+def test_state_to_and_dtype(model24):
+    _, model64 = model24
+    enc = model64.encoder
+    x = torch.randn(1, 1, 3 * HOP, dtype=torch.float64)
+    state = enc.stream_state(1)
+    enc.stream(x[..., :HOP], state)
+    moved = state.to("cpu")
+    assert moved is not state and moved.slots[0].buf is not state.slots[0].buf
+    assert torch.equal(enc.stream(x[..., HOP:], moved)[0], enc.stream(x[..., HOP:], state)[0])
+    with pytest.raises(TypeError, match="dtype"):
+        enc.stream(x[..., :HOP].float(), state)
+
+
+@requires_cuda
+def test_stream_on_cuda(model24):
+    model, model64 = model24
+    enc = copy.deepcopy(model.encoder)
+    x = torch.randn(1, 1, 6000)
+    state = enc.stream_state(1)
+    y0, state = enc.stream(x[..., :2000], state)
+    enc.cuda()
+    state = state.to("cuda")
+    y1, state = enc.stream(x[..., 2000:].cuda(), state)
+    y = torch.cat([y0, y1.cpu(), enc.stream_flush(state).cpu()], -1)
+    with torch.no_grad():
+        _assert_f32(y, model.encoder(x), model64.encoder(x.double()), "encoder/cuda")
+
+
+def test_batched_streams_are_independent(model24):
+    model, model64 = model24
+    enc = model.encoder
+    x = torch.randn(2, 1, 5000)
+    sizes = _split(x.shape[-1], "random", seed=2)
+    both, _ = _run(enc, x, sizes)
+    for b in range(2):
+        alone, _ = _run(enc, x[b:b + 1], sizes)
+        with torch.no_grad():
+            off64 = model64.encoder(x[b:b + 1].double())
+            off32 = enc(x[b:b + 1])
+        _assert_f32(both[b:b + 1], off32, off64, f"batch row {b}")
+        assert max_abs_err(both[b:b + 1], alone) <= 2 * F32_FACTOR * max_abs_err(off32, off64)
+    # streams started apart, batched mid-way (cat), picked apart again (select)
+    s0, s1 = enc.stream_state(1), enc.stream_state(1)
+    enc.stream(x[0:1, :, :2000], s0)
+    enc.stream(x[1:2, :, :2000], s1)
+    joint = S.StreamState.cat([s0, s1])
+    rest = torch.cat([enc.stream(x[..., 2000:], joint)[0], enc.stream_flush(joint)], -1)
+    assert max_abs_err(rest[1:2], torch.cat([enc.stream(x[1:2, :, 2000:], s1)[0], enc.stream_flush(s1)], -1)) \
+        <= 2 * F32_FACTOR * max_abs_err(off32, off64)
+    picked = joint.select(0)
+    assert picked.batch_size == 1 and picked.slots[0].buf.shape[0] == 1
+
+
+def test_memory_is_flat_in_stream_length(model24):
+    model, _ = model24
+    state = model.stream_state(1)
+    shapes = None
+    for i in range(60):
+        model.stream(torch.randn(1, 1, HOP), state)
+        if i == 15:  # past the start-up bursts
+            shapes = [(k, tuple(v.shape)) for s in (state.encoder, state.decoder) for slot in s.slots
+                      for k, v in vars(slot).items() if isinstance(v, torch.Tensor)]
+            nbytes = state.nbytes()
+    assert [(k, tuple(v.shape)) for s in (state.encoder, state.decoder) for slot in s.slots
+            for k, v in vars(slot).items() if isinstance(v, torch.Tensor)] == shapes
+    assert state.nbytes() == nbytes
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_raises_clear_errors(model24):
+    model, _ = model24
+    enc = model.encoder
+    state = enc.stream_state(2)
+    with pytest.raises(ValueError, match="1 channels"):
+        enc.stream(torch.randn(2, 2, 10), state)
+    with pytest.raises(ValueError, match="empty chunk"):
+        enc.stream(torch.randn(2, 1, 0), state)
+    with pytest.raises(ValueError, match="batch 1 but the state holds 2"):
+        enc.stream(torch.randn(1, 1, 10), state)
+    with pytest.raises(ValueError, match="shape"):
+        enc.stream(torch.randn(2, 10), state)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        enc.stream([0.0] * 10, state)
+    with pytest.raises(TypeError, match="dtype"):
+        enc.stream(torch.zeros(2, 1, 10, dtype=torch.int64), state)
+    with pytest.raises(ValueError, match="another module"):
+        model.decoder.stream(torch.randn(2, 128, 1), state)
+    with pytest.raises(TypeError, match="StreamState"):
+        enc.stream(torch.randn(2, 1, 10), {"not": "a state"})
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.stream_state(0)
+    enc.stream_flush(state)
+    with pytest.raises(ValueError, match="flushed"):
+        enc.stream(torch.randn(2, 1, 10), state)
+    with pytest.raises(ValueError, match="NaN"):
+        model.stream_encode(torch.full((1, 1, 10), float("nan")), model.encode_state(1))
+    with pytest.raises(ValueError, match="out of range"):
+        model.stream_decode(torch.full((1, 8, 1), 1024), model.decode_state(1))
+
+
+# ------------------------------------------------------------------------------ other configurations
+
+SMALL = dict(channels=1, dimension=8, n_filters=4, n_residual_layers=1, ratios=[2, 3], norm="weight_norm",
+             causal=True, lstm=1)
+CONFIGS = {
+    "reflect": dict(),
+    "constant": dict(pad_mode="constant"),
+    "replicate": dict(pad_mode="replicate"),
+    "true-skip-res2-dil3": dict(true_skip=True, n_residual_layers=2, dilation_base=3),
+    "odd-ratios-k5": dict(ratios=[5, 3], kernel_size=5, last_kernel_size=3, residual_kernel_size=5),
+    "no-lstm-compress1-leakyrelu": dict(lstm=0, compress=1, activation="LeakyReLU",
+                                        activation_params={"negative_slope": 0.3}),
+    "stereo-lstm2-norm-none": dict(channels=2, lstm=2, norm="none"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_small_configs_float64(name, nan_poison):
+    torch.manual_seed(7)
+    kw = {**SMALL, **CONFIGS[name]}
+    enc = S.StreamingSEANetEncoder(**kw).double()
+    dec_kw = dict(trim_right_ratio=0.5, final_activation="Tanh") if name == "reflect" else {}
+    dec = S.StreamingSEANetDecoder(**kw, **dec_kw).double()
+    _perturb_weight_norm(enc)
+    _perturb_weight_norm(dec)
+    hop = enc.hop_length
+    for total, kind, seed in [(1, "huge", 0), (2, "single", 0), (hop * 3 + 2, "single", 0),
+                              (50, "random", 1), (173, "random", 2), (173, "odd", 0)]:
+        x = torch.randn(2, kw["channels"], total, dtype=torch.float64)
+        with torch.no_grad():
+            expected = enc(x)
+        y, _ = _run(enc, x, _split(total, kind, seed, unit=hop))
+        assert y.shape == expected.shape, (name, total, kind)
+        assert max_abs_err(y, expected) <= F64_ATOL, (name, total, kind)
+    for frames, kind in [(1, "huge"), (5, "single"), (11, "random"), (11, "odd")]:
+        z = torch.randn(2, kw["dimension"], frames, dtype=torch.float64)
+        with torch.no_grad():
+            expected = dec(z)
+        y, _ = _run(dec, z, _split(frames, kind, 4, unit=1))
+        assert y.shape == expected.shape, (name, frames, kind)
+        assert max_abs_err(y, expected) <= F64_ATOL, (name, frames, kind)
+
+
+# ------------------------------------------------------------------------------ other entry points
+
+
+def test_plain_functions_on_reference_modules_and_weight_updates():
+    torch.manual_seed(3)
+    enc = SEANetEncoder(**SMALL).double()
+    x = torch.randn(1, 1, 100, dtype=torch.float64)
+    with torch.no_grad():
+        expected = enc(x)
+    assert max_abs_err(_run(enc, x, _split(100, "random", 9, unit=6))[0], expected) <= F64_ATOL
+    other = SEANetEncoder(**SMALL).double()
+    _perturb_weight_norm(other)
+    enc.load_state_dict(other.state_dict())  # in place: the folded weights must follow
+    with torch.no_grad():
+        expected = other(x)
+    assert max_abs_err(_run(enc, x, _split(100, "random", 9, unit=6))[0], expected) <= F64_ATOL
+
+
+def test_streaming_context_audiocraft_convention():
+    torch.manual_seed(4)
+    enc = S.StreamingSEANetEncoder(**SMALL).double()
+    x = torch.randn(1, 1, 61, dtype=torch.float64)
+    with torch.no_grad(), enc.streaming():
+        y = torch.cat([enc(c) for c in x.split(7, -1)] + [enc.flush()], -1)
+        expected_shape = (1, 8, 11)
+    assert y.shape == expected_shape
+    with torch.no_grad():
+        assert max_abs_err(y, enc(x)) <= F64_ATOL
+
+
+def test_registered_step_builder_and_conv_seam():
+    """A module class the planner does not know is taught with register_step_builder; the conv seam
+    (``step.conv``) is where a fast conv plugs in."""
+    class CountedConv(StreamableConv1d):
+        pass
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape[-1])
+        return S.conv1d_step(*args)
+
+    def build(module, path, act):
+        step = S._Conv(module, path, act)
+        step.conv = counted
+        return [step]
+
+    S.register_step_builder(CountedConv, build)
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(CountedConv(2, 3, 5, stride=2, causal=True, norm="weight_norm"), torch.nn.Tanh()).double()
+    x = torch.randn(1, 2, 23, dtype=torch.float64)
+    with torch.no_grad():
+        expected = net(x)
+    y, _ = _run(net, x, [4, 1, 9, 9])
+    assert calls and max_abs_err(y, expected) <= F64_ATOL
