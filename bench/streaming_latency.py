@@ -166,7 +166,7 @@ def measure(threads: int = 1, seconds: float = 10.0, batch: int = 1, ref_every: 
             outs.append(t_enc(enc.stream, c, state)[0])
             if i % ref_every == 0:
                 t_ref(enc, c)
-            if i == SAMPLE_RATE // HOP:
+            if i == min(SAMPLE_RATE // HOP, len(chunks) - 1):
                 res["state_bytes_1s"] = state.nbytes()
         res["state_bytes_end"] = state.nbytes()
         res["encoder_stream_rss_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024

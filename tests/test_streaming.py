@@ -2,7 +2,7 @@
 the offline pass of ``cat(c1, c2, ...)``, for every split.
 
 Tolerances. float64: the stream runs the same arithmetic as the offline pass in another summation order
-(chunked GEMMs, ``lstm_cell`` steps), so the difference is float64 rounding: measured <= 7.1e-16 on outputs
+(chunked GEMMs, LSTM steps), so the difference is float64 rounding: measured <= 7.1e-16 on outputs
 of magnitude ~0.1; bound 1e-12, while any padding/overlap/state slip is >= 1e-3. float32: the bound is
 relative to PyTorch's own float32 error, ``err32 = max|offline32 - offline64|``; over 60 random splits
 (0.1-0.5 s, chunks 1..T samples) the stream's error ``max|stream32 - offline64|`` measured <= 1.41 * err32
@@ -105,9 +105,6 @@ def _assert_f32(streamed: torch.Tensor, offline32: torch.Tensor, offline64: torc
                                        f"offline float32 error {err32:.3e}")
 
 
-# ------------------------------------------------------------------------------ 24 kHz exactness
-
-
 @pytest.mark.parametrize("kind,seconds", [("huge", 0.3), ("hop", 0.3), ("odd", 0.3), ("random", 0.5),
                                           ("single", 0.1)])
 def test_encoder_stream_equals_offline(model24, kind, seconds):
@@ -173,9 +170,6 @@ def test_startup_delay_is_the_reflect_padding(model24):
     assert lens == [0] * 6 + [7 * HOP, HOP, HOP, 0]
 
 
-# ------------------------------------------------------------------------------ the codec
-
-
 def test_codec_stream_codes_and_audio(model24):
     model, model64 = model24
     x = torch.randn(2, 1, 7000)
@@ -223,9 +217,6 @@ def test_non_causal_configs_are_refused():
     circular = SEANetEncoder(**{**SMALL, "pad_mode": "circular"})
     with pytest.raises(S.NotStreamableError, match="circular"):
         S.stream_state(circular, 1)
-
-
-# ------------------------------------------------------------------------------ state
 
 
 def test_state_copy_branches_independently(model24):
@@ -328,9 +319,6 @@ def test_memory_is_flat_in_stream_length(model24):
     assert state.nbytes() == nbytes
 
 
-# ------------------------------------------------------------------------------ bad input
-
-
 def test_bad_input_raises_clear_errors(model24):
     model, _ = model24
     enc = model.encoder
@@ -361,8 +349,6 @@ def test_bad_input_raises_clear_errors(model24):
     with pytest.raises(ValueError, match="out of range"):
         model.stream_decode(torch.full((1, 8, 1), 1024), model.decode_state(1))
 
-
-# ------------------------------------------------------------------------------ other configurations
 
 SMALL = dict(channels=1, dimension=8, n_filters=4, n_residual_layers=1, ratios=[2, 3], norm="weight_norm",
              causal=True, lstm=1)
@@ -403,9 +389,6 @@ def test_small_configs_float64(name, nan_poison):
         y, _ = _run(dec, z, _split(frames, kind, 4, unit=1))
         assert y.shape == expected.shape, (name, frames, kind)
         assert max_abs_err(y, expected) <= F64_ATOL, (name, frames, kind)
-
-
-# ------------------------------------------------------------------------------ other entry points
 
 
 def test_plain_functions_on_reference_modules_and_weight_updates():
@@ -460,3 +443,25 @@ def test_registered_step_builder_and_conv_seam():
         expected = net(x)
     y, _ = _run(net, x, [4, 1, 9, 9])
     assert calls and max_abs_err(y, expected) <= F64_ATOL
+
+
+def test_fast_codec_streams_like_the_reference(model24):
+    """``fastcodec.EncodecModel`` (fast SEANet + fast RVQ) gets the same streaming through its mixins."""
+    import fastcodec.model
+
+    model, model64 = model24
+    fast = fastcodec.model.EncodecModel.encodec_model_24khz()
+    fast.load_state_dict(model.state_dict())
+    fast.set_target_bandwidth(6.0)
+    x = torch.randn(1, 1, 4000)
+    sizes = _split(x.shape[-1], "random", seed=21)
+    state = fast.encode_state(1)
+    codes = [fast.stream_encode(x[..., i:i + n], state)[0] for i, n in zip(
+        [sum(sizes[:j]) for j in range(len(sizes))], sizes)]
+    codes = torch.cat(codes + [fast.stream_encode_flush(state)], -1)
+    with torch.no_grad():
+        latent, codes_off = model.encoder(x), model.encode(x)[0][0]
+    assert_codes_equivalent(codes, codes_off, latent, model.quantizer.codebooks()[:8])
+    rt, _ = _run(fast, x, sizes)
+    with torch.no_grad():
+        _assert_f32(rt, model(x), model64.decode(codes_off)[..., :x.shape[-1]], "fast audio -> audio")

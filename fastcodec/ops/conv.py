@@ -1,4 +1,5 @@
-"""Fused dilated conv1d: ``fastcodec::conv1d``, SEANet's pad -> ELU -> conv -> residual-add in one op.
+"""Fused SEANet convolutions: ``fastcodec::conv1d`` (pad -> ELU -> conv -> residual add in one op) and
+``fastcodec::conv_transpose1d`` (ELU -> transposed conv -> trim, the decoder's upsampling).
 
 ``y = conv1d(act(pad1d(x, (pad_left, pad_right), pad_mode)), weight, bias, stride, dilation) (+ skip)``
 
@@ -13,6 +14,10 @@
 Backends (``fastcodec._backend.choose("conv", device)``): ``cpp`` (csrc/conv1d_cpu.cpp, padding and ELU
 done while packing the input, no padded copy), ``cuda`` (csrc/conv1d_cuda.cu, see ``_cuda_lib``) and
 ``reference`` (plain PyTorch, the oracle). The backward always runs in ATen.
+
+The transposed conv runs on the CPU as ``stride`` interleaved ordinary convs of ``ceil(K / stride)`` taps
+through the same kernel (measured 1.3x to 3.7x faster than ELU + F.conv_transpose1d + trim on the 24 kHz
+decoder's four layers, 1 thread); on CUDA its ``cuda`` backend is cuDNN through ATen.
 
 Weights: the C++ kernel wants a packed copy. ``_packed_weight`` caches it per weight tensor, keyed by
 the tensor itself (weakly), its ``data_ptr`` and its ``_version``, so an optimiser step or a
@@ -225,7 +230,13 @@ def weight_norm_weight(weight_v: torch.Tensor, weight_g: torch.Tensor, dim: int 
     """
     if torch.is_grad_enabled() and (weight_v.requires_grad or weight_g.requires_grad):
         return torch._weight_norm(weight_v, weight_g, dim)
-    return _folded_cache.get((weight_v, weight_g), lambda: torch._weight_norm(weight_v.detach(), weight_g.detach(), dim))
+
+    def fold():
+        # a normal tensor even under inference_mode: it needs a version counter to key the packed cache
+        with torch.inference_mode(False):
+            return torch._weight_norm(weight_v.detach(), weight_g.detach(), dim)
+
+    return _folded_cache.get((weight_v, weight_g), fold)
 
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -266,6 +277,9 @@ def _cpp_probe() -> _backend.Availability:
 _backend.register_probe("conv", "cpp", _cpp_probe)
 
 
+# No ATen dispatch for any shape: on all 18 SEANet encoder layers this kernel measured at least as fast
+# as the pad + ELU + F.conv1d it replaces (1 thread, AMD EPYC: 1.08x on the 512->128 k7 T=750 layer,
+# 1.24x to 4.9x elsewhere); F.conv1d alone is faster on 3 layers (up to 1.10x) but needs that padded copy.
 @register_impl("cpp")
 def _conv1d_cpp(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha):
     c_out, _, k = weight.shape
