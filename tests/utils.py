@@ -49,39 +49,19 @@ def assert_codes_equivalent(codes: torch.Tensor, expected: torch.Tensor, x: torc
                             first_layer_exact: bool = True) -> int:
     """Codes must be equal except at certified near-ties; returns the number of (row) flips.
 
-    codes, expected: (B, K, T); x: (B, D, T) the input; codebooks: (K, bins, D).
-    For each row (b, t), at the first layer k where the two code sequences differ, both candidates'
-    squared distances to that layer's residual (the residual both sequences share up to k) are
-    computed in float64; the flip is allowed only if they differ by at most
-    ``rel_bound * (|r|^2 + |e|^2)`` (the float32 rounding bound of the expanded distance).
-    After a certified flip the residuals diverge, so later layers of that row are not compared.
-    ``first_layer_exact`` demands layer 0 equal everywhere (random data has no near-ties there).
+    codes, expected: (B, K, T); x: (B, D, T) the input; codebooks: (K, bins, D). The rule (one
+    implementation, shared with ``fastcodec bench``: ``fastcodec.bench.harness.compare_codes``): at the
+    first layer where a row's code sequences differ, both candidates' squared distances to the shared
+    residual are computed in float64 and may differ by at most ``rel_bound * (|r|^2 + |e|^2)``, the
+    float32 rounding bound of the expanded distance. ``first_layer_exact`` demands layer 0 equal
+    everywhere (random data has no near-ties there).
     """
+    from fastcodec.bench.harness import compare_codes
+
     assert codes.shape == expected.shape, f"codes shape {tuple(codes.shape)} != {tuple(expected.shape)}"
-    B, K, T = codes.shape
-    c = codes.cpu().permute(0, 2, 1).reshape(B * T, K)
-    e = expected.cpu().permute(0, 2, 1).reshape(B * T, K)
-    diff = c != e
-    if not diff.any():
-        return 0
     if first_layer_exact:
-        n0 = int(diff[:, 0].sum())
+        n0 = int((codes[:, 0].cpu() != expected[:, 0].cpu()).sum())
         assert n0 == 0, f"{n0} first-layer codes differ: the first layer must match exactly"
-    cb = codebooks.detach().cpu().double()
-    r = x.detach().cpu().double().permute(0, 2, 1).reshape(B * T, -1)
-    rows = diff.any(1).nonzero().flatten().tolist()
-    flips = 0
-    for n in rows:
-        k = int(diff[n].nonzero()[0])
-        res = r[n].clone()
-        for j in range(k):
-            res -= cb[j, e[n, j]]
-        ea, eb = cb[k, c[n, k]], cb[k, e[n, k]]
-        da, db = ((res - ea) ** 2).sum().item(), ((res - eb) ** 2).sum().item()
-        bound = rel_bound * (res.pow(2).sum().item() + max(ea.pow(2).sum().item(), eb.pow(2).sum().item()))
-        assert abs(da - db) <= bound, (
-            f"row {n}, layer {k}: code {int(c[n, k])} (dist {da:.9g}) vs expected {int(e[n, k])} "
-            f"(dist {db:.9g}) differ by {abs(da - db):.3e} > near-tie bound {bound:.3e}"
-        )
-        flips += 1
-    return flips
+    check = compare_codes(codes, expected, x, codebooks, rel_bound)
+    assert check.ok, check.detail
+    return check.flips
