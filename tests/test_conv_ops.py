@@ -213,12 +213,9 @@ GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cfg", GRAD_CASES, ids=lambda c: "K{K}-s{s}-d{d}-T{T}-{mode}".format(**c))
-def test_gradients(cfg):
-    """dL/dx (through padding, reflection and ELU), dL/dweight, dL/dbias, dL/dskip vs float64 autograd
-    of the reference; tolerance 4x PyTorch's own float32 gradient error (or 4 u * the gradient's abs-sum)."""
-    kw = _case(**cfg)
-    names = [n for n in ("x", "weight", "bias", "skip") if kw[n] is not None]
+def _assert_grads_match(fast, reference, kw, names):
+    """Gradients of ``fast`` (float32) wrt ``names`` vs float64 autograd of ``reference``; tolerance 4x
+    PyTorch's own float32 gradient error (or 4 u * the gradient's max)."""
 
     def grads(fn, dtype):
         k = _as(kw, dtype)
@@ -227,12 +224,22 @@ def test_gradients(cfg):
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
         return torch.autograd.grad(y, [k[n] for n in names], g)
 
-    ours = grads(C.conv1d, torch.float32)
-    ref32 = grads(C.conv1d_reference, torch.float32)
-    ref64 = grads(C.conv1d_reference, torch.float64)
+    ours = grads(fast, torch.float32)
+    ref32 = grads(reference, torch.float32)
+    ref64 = grads(reference, torch.float64)
     for n, a, r32, r64 in zip(names, ours, ref32, ref64):
         torch_err = (r32.double() - r64).abs().max().item()
         assert_close(a, r64, atol=4 * max(torch_err, U * r64.abs().max().item()), rtol=0, name=f"grad {n}")
+
+
+@pytest.mark.parametrize("cfg", GRAD_CASES, ids=lambda c: "K{K}-s{s}-d{d}-T{T}-{mode}".format(**c))
+def test_gradients(cfg):
+    """dL/dx (through padding, reflection and ELU), dL/dweight, dL/dbias, dL/dskip vs float64 autograd
+    of the reference; tolerance 4x PyTorch's own float32 gradient error (or 4 u * the gradient's abs-sum)."""
+    kw = _case(**cfg)
+    names = [n for n in ("x", "weight", "bias", "skip") if kw[n] is not None]
+
+    _assert_grads_match(C.conv1d, C.conv1d_reference, kw, names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,19 +600,7 @@ def test_transposed_gradients(cfg):
     kw = _tcase(**cfg)
     names = [n for n in ("x", "weight", "bias") if kw[n] is not None]
 
-    def grads(fn, dtype):
-        k = _as(kw, dtype)
-        k = {n: (v.detach().clone().requires_grad_(True) if n in names else v) for n, v in k.items()}
-        y = fn(**k)
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
-        return torch.autograd.grad(y, [k[n] for n in names], g)
-
-    ours = grads(C.conv_transpose1d, torch.float32)
-    ref32 = grads(C.conv_transpose1d_reference, torch.float32)
-    ref64 = grads(C.conv_transpose1d_reference, torch.float64)
-    for n, a, r32, r64 in zip(names, ours, ref32, ref64):
-        torch_err = (r32.double() - r64).abs().max().item()
-        assert_close(a, r64, atol=4 * max(torch_err, U * r64.abs().max().item()), rtol=0, name=f"grad {n}")
+    _assert_grads_match(C.conv_transpose1d, C.conv_transpose1d_reference, kw, names)
 
 
 @pytest.mark.parametrize("cfg", [dict(K=8, s=4, T=9, elu=1.0), dict(K=3, s=2, T=4, trim="centred", bias=False,

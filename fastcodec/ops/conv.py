@@ -104,8 +104,8 @@ def _check_int(name: str, v, low: int) -> None:
         raise ValueError(f"{name} must be >= {low}, got {v}")
 
 
-def check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha) -> None:
-    """Raise TypeError/ValueError naming the problem; shapes only, so it also runs on fake tensors."""
+def _check_x_weight(x, weight, in_axis: int, layout: str) -> None:
+    """x: (B, C_in, T) non-empty; weight: non-empty ``layout`` with C_in on ``in_axis`` (groups=1)."""
     _check_tensor("x", x)
     _check_tensor("weight", weight)
     if x.dim() != 3:
@@ -113,9 +113,14 @@ def check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_rig
     if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
         raise ValueError(f"x is empty: {_describe(x)} (batch, channels and time must be >= 1)")
     if weight.dim() != 3 or 0 in weight.shape:
-        raise ValueError(f"weight must be a non-empty (out_channels, in_channels, kernel_size), got {_describe(weight)}")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[1]} (groups=1)")
+        raise ValueError(f"weight must be a non-empty {layout}, got {_describe(weight)}")
+    if weight.shape[in_axis] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[in_axis]} (groups=1)")
+
+
+def check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha) -> None:
+    """Raise TypeError/ValueError naming the problem; shapes only, so it also runs on fake tensors."""
+    _check_x_weight(x, weight, in_axis=1, layout="(out_channels, in_channels, kernel_size)")
     for name, v, low in (("stride", stride, 1), ("dilation", dilation, 1), ("pad_left", pad_left, 0),
                          ("pad_right", pad_right, 0)):
         _check_int(name, v, low)
@@ -524,16 +529,7 @@ def conv_transpose1d_output_length(length: int, kernel_size: int, stride: int = 
 
 def check_conv_transpose1d_args(x, weight, bias, stride, trim_left, trim_right, elu_alpha) -> None:
     """Raise TypeError/ValueError naming the problem; shapes only, so it also runs on fake tensors."""
-    _check_tensor("x", x)
-    _check_tensor("weight", weight)
-    if x.dim() != 3:
-        raise ValueError(f"x must be (batch, channels, time), got {_describe(x)}")
-    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(f"x is empty: {_describe(x)} (batch, channels and time must be >= 1)")
-    if weight.dim() != 3 or 0 in weight.shape:
-        raise ValueError(f"weight must be a non-empty (in_channels, out_channels, kernel_size), got {_describe(weight)}")
-    if weight.shape[0] != x.shape[1]:
-        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[0]} (groups=1)")
+    _check_x_weight(x, weight, in_axis=0, layout="(in_channels, out_channels, kernel_size)")
     for name, v, low in (("stride", stride, 1), ("trim_left", trim_left, 0), ("trim_right", trim_right, 0)):
         _check_int(name, v, low)
     if elu_alpha is not None:
