@@ -62,6 +62,21 @@ def register_probe(family: str, backend: str, probe: Callable[[], Availability])
     _probe_cache.pop((family, backend), None)
 
 
+def probe_by_loading(load: Callable[[], object]) -> Callable[[], Availability]:
+    """A probe that is available when ``load()`` (an extension build/import) succeeds, else says why."""
+
+    def probe() -> Availability:
+        from ._build import ExtensionBuildError
+
+        try:
+            load()
+        except ExtensionBuildError as e:
+            return Availability(False, str(e))
+        return Availability(True)
+
+    return probe
+
+
 def requested(family: str) -> str:
     v = os.environ.get(f"FASTCODEC_{family.upper()}_BACKEND") or os.environ.get("FASTCODEC_BACKEND") or "auto"
     v = v.strip().lower()

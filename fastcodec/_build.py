@@ -127,14 +127,22 @@ def load_extension(
         return mod
 
 
+def load_named(name: str, verbose: bool | None = None) -> ModuleType:
+    """Build (once) and import the extension ``name`` listed in ``_backend.CPP_EXTENSIONS``."""
+    from . import _backend
+
+    sources, cflags = _backend.CPP_EXTENSIONS[name]
+    return load_extension(name, sources, cflags, verbose=verbose)
+
+
 def build_all(verbose: bool = False) -> dict[str, str]:
     """Build every C++ extension now (``fastcodec build``); returns ``{name: "ok" | reason}``."""
     from . import _backend
 
     out: dict[str, str] = {}
-    for name, (sources, cflags) in _backend.CPP_EXTENSIONS.items():
+    for name in _backend.CPP_EXTENSIONS:
         try:
-            load_extension(name, sources, cflags, verbose=verbose)
+            load_named(name, verbose=verbose)
             out[name] = "ok"
         except ExtensionBuildError as e:
             out[name] = str(e)

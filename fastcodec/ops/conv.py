@@ -267,19 +267,10 @@ def clear_weight_caches() -> None:
 
 
 def _cpu_ext():
-    sources, cflags = _backend.CPP_EXTENSIONS["conv_cpu"]
-    return _build.load_extension("conv_cpu", sources, cflags)
+    return _build.load_named("conv_cpu")
 
 
-def _cpp_probe() -> _backend.Availability:
-    try:
-        _cpu_ext()
-    except _build.ExtensionBuildError as e:
-        return _backend.Availability(False, str(e))
-    return _backend.Availability(True)
-
-
-_backend.register_probe("conv", "cpp", _cpp_probe)
+_backend.register_probe("conv", "cpp", _backend.probe_by_loading(_cpu_ext))
 
 
 # No ATen dispatch for any shape: on all 18 SEANet encoder layers this kernel measured at least as fast

@@ -11,7 +11,7 @@ from types import ModuleType
 import torch
 
 from .. import _backend
-from .._build import ExtensionBuildError, load_extension
+from .._build import load_named
 from .rvq import register_impl
 
 EXTENSION = "rvq_cpu"
@@ -19,19 +19,10 @@ EXTENSION = "rvq_cpu"
 
 def extension() -> ModuleType:
     """The built ``rvq_cpu`` extension (builds it on first use; raises ``ExtensionBuildError``)."""
-    sources, cflags = _backend.CPP_EXTENSIONS[EXTENSION]
-    return load_extension(EXTENSION, sources, cflags)
+    return load_named(EXTENSION)
 
 
-def _probe() -> _backend.Availability:
-    try:
-        extension()
-    except ExtensionBuildError as e:
-        return _backend.Availability(False, str(e))
-    return _backend.Availability(True)
-
-
-_backend.register_probe("rvq", "cpp", _probe)
+_backend.register_probe("rvq", "cpp", _backend.probe_by_loading(extension))
 
 
 @register_impl("rvq_quantize", "cpp")
