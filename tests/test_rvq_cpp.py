@@ -74,6 +74,77 @@ def test_backend_is_cpp(ext):
     assert ext.simd() == ("avx512" if "avx512f" in open("/proc/cpuinfo").read() else "portable")
 
 
+
+HAS_BF16 = "avx512_bf16" in open("/proc/cpuinfo").read()
+
+
+@pytest.fixture
+def fp32_search(ext):
+    """Runs the test body with the bf16 candidate search off, restoring the previous setting."""
+    def run(fn):
+        if not ext.bf16_search_available():
+            return fn()
+        old = ext.set_bf16_search(False)
+        try:
+            return fn()
+        finally:
+            ext.set_bf16_search(old)
+    return run
+
+
+def _adversarial(D=128, bins=1024, K=4, T=300, seed=3):
+    """Codebooks with exact duplicates (ties: the first index must win), codes 1e-7 apart (closer than bf16
+    can resolve), and inputs sitting 1e-4 from codewords."""
+    g = torch.Generator().manual_seed(seed)
+    cb = torch.randn(K, bins, D, generator=g)
+    cb[:, bins // 2:] = cb[:, : bins - bins // 2]
+    cb[:, 100] = cb[:, 99] * (1 + 1e-7)
+    x = cb[0, torch.randint(0, bins, (T,), generator=g)].T.unsqueeze(0).contiguous()
+    x = x + 1e-4 * torch.randn(x.shape, generator=g)
+    return x, cb, (cb * cb).sum(-1)
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="CPU without avx512_bf16: encode has only the float32 search")
+@pytest.mark.parametrize("case", ["trained-like", "D256-bins2048", "odd-D", "tiny-scale", "huge-scale",
+                                  "adversarial", "non-finite"])
+def test_bf16_search_gives_the_float32_codes(ext, fp32_search, case):
+    # the bf16 pass only chooses candidates (bound E on its error, every code within 2E of the best is
+    # re-ranked with the float32 kernel's exact arithmetic): codes, quantized and residuals are bitwise equal
+    assert ext.bf16_search_available()
+    if case == "trained-like":
+        x, cb, cn = _problem(3, 128, 200, 8, 1024)
+    elif case == "D256-bins2048":
+        x, cb, cn = _problem(1, 256, 150, 3, 2048)
+    elif case == "odd-D":
+        x, cb, cn = _problem(2, 7, 37, 3, 13)
+    elif case in ("tiny-scale", "huge-scale"):
+        x, cb, _ = _problem(1, 64, 100, 4, 256)
+        s = 1e-18 if case == "tiny-scale" else 1e17
+        x, cb = x * s, cb * s
+        cn = (cb * cb).sum(-1)
+    elif case == "adversarial":
+        x, cb, cn = _adversarial()
+    else:  # the op rejects these; the kernel itself must still give the float32 answer, never a wild index
+        x, cb, cn = _problem(1, 32, 60, 2, 64)
+        x[0, 3, 5], x[0, 4, 6], cb[1, 7, 0] = float("nan"), float("inf"), float("inf")
+        cn = (cb * cb).sum(-1)
+    fast = ext.encode(x, cb, cn, True, True)
+    slow = fp32_search(lambda: ext.encode(x, cb, cn, True, True))
+    for a, b, name in zip(fast, slow, ("codes", "quantized", "residuals")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{case}: {name} differ between the bf16 and float32 searches: {m}")
+    assert int(fast[0].min()) >= 0 and int(fast[0].max()) < cb.shape[1]
+
+
+def test_bf16_search_switch(ext):
+    if ext.bf16_search_available():
+        assert ext.set_bf16_search(True) is True  # on by default
+        assert ext.set_bf16_search(False) is True
+        assert ext.set_bf16_search(True) is False
+    else:
+        with pytest.raises(ValueError, match="avx512_bf16"):
+            ext.set_bf16_search(True)
+
 REAL = {
     "B1-T750-K8-bins1024-D128": (1, 128, 750, 8, 1024),
     "B8-T750-K8-bins1024-D128": (8, 128, 750, 8, 1024),
