@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -190,34 +191,34 @@ struct Packed {
   const float* norms(int64_t k) const { return en.get() + k * nchunks * MR; }
 };
 
+// P[k] of the packed codebooks <- layer k's codes (serial: called per layer, possibly inside a parallel region)
+void pack_layer(float* Pk, const float* cbk, int64_t bins, int64_t D, int64_t nchunks) {
+  for (int64_t ch = 0; ch < nchunks; ++ch) {
+    float* dst = Pk + ch * D * MR;
+    for (int i = 0; i < MR; ++i) {
+      const int64_t c = ch * MR + i;
+      const float* e = cbk + c * D;
+      for (int64_t d = 0; d < D; ++d) dst[d * MR + i] = c < bins ? e[d] : 0.0f;
+    }
+  }
+}
+
+// codes = false: P is allocated but left for pack_layer (the bf16 search needs it only as a fallback)
 Packed pack_codebooks(const float* cb, const float* norms, int64_t K, int64_t bins, int64_t D, bool codes = true) {
   Packed p;
   p.nchunks = ceil_div(bins, MR);
   p.D = D;
-  p.P = alloc<float>(codes ? K * p.nchunks * D * MR : 1);
+  p.P = alloc<float>(K * p.nchunks * D * MR);
   p.en = alloc<float>(K * p.nchunks * MR);
-  float* P = p.P.get();
   float* en = p.en.get();
   const int64_t nch = p.nchunks;
-  at::parallel_for(0, K * nch, 16, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      int64_t k = j / nch, ch = j % nch;
-      float* dst = codes ? P + j * D * MR : nullptr;
-      for (int i = 0; i < MR; ++i) {
-        int64_t c = ch * MR + i;
-        if (c < bins) {
-          const float* e = cb + (k * bins + c) * D;
-          if (codes)
-            for (int64_t d = 0; d < D; ++d) dst[d * MR + i] = e[d];
-          en[j * MR + i] = norms[k * bins + c];
-        } else {
-          if (codes)
-            for (int64_t d = 0; d < D; ++d) dst[d * MR + i] = 0.0f;
-          en[j * MR + i] = std::numeric_limits<float>::infinity();
-        }
-      }
-    }
-  });
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < nch * MR; ++c)
+      en[k * nch * MR + c] = c < bins ? norms[k * bins + c] : std::numeric_limits<float>::infinity();
+  if (codes)
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) pack_layer(p.P.get() + k * nch * D * MR, cb + k * bins * D, bins, D, nch);
+    });
   return p;
 }
 
@@ -429,9 +430,11 @@ inline float exact_dist(const float* R, int64_t D, int lane, float rn, const flo
 }
 
 // search_panel's result by the bf16 candidate search; dist, cand: scratch of nchunks * MR * RB floats / ints
-void search_panel_bf16(const PackedBF16& pb, int64_t k, const float* cbk, const float* en, int64_t bins,
+// Returns false, idx untouched, when the rows have more than kMaxCandidates candidates on average (codebooks
+// with many equal or nearly equal codes, e.g. not yet initialised zeros): the float32 search is then faster.
+constexpr int64_t kMaxCandidates = 16;
+bool search_panel_bf16(const PackedBF16& pb, int64_t k, const float* cbk, const float* en, int64_t bins,
                        int64_t D, const float* R, uint32_t* Rb, float* dist, int32_t* cand, int32_t* idx) {
-  for (int l = 0; l < RB; ++l) idx[l] = 0;
   VF rn[NR], ex[NR];
   panel_to_bf16(R, D, Rb, rn, ex);
   __m512 bmin[NR];
@@ -474,6 +477,8 @@ void search_panel_bf16(const PackedBF16& pb, int64_t k, const float* cbk, const 
       }
     }
   }
+  if (np > kMaxCandidates * RB) return false;
+  for (int l = 0; l < RB; ++l) idx[l] = 0;
   alignas(64) float rnl[RB];
   for (int v = 0; v < NR; ++v) _mm512_store_ps(rnl + v * L, rn[v].v);
   // rows with several candidates: their exact distances, 8 independent fma chains at a time
@@ -524,6 +529,7 @@ void search_panel_bf16(const PackedBF16& pb, int64_t k, const float* cbk, const 
     }
     idx[l] = bi;
   }
+  return true;
 }
 #else
 #define FC_BF16 0
@@ -591,6 +597,17 @@ std::vector<at::Tensor> encode(const at::Tensor& x, const at::Tensor& codebooks,
 #if FC_BF16
   PackedBF16 pb;
   if (bf16) pb = pack_codebooks_bf16(cb, code_norms.data_ptr<float>(), K, bins, D);
+  // layers whose panels overflowed the candidate limit: the float32 search, packed on first use
+  std::unique_ptr<std::once_flag[]> packed(new std::once_flag[K]);
+  std::unique_ptr<std::atomic<bool>[]> fp32_layer(new std::atomic<bool>[K]);
+  for (int64_t k = 0; k < K; ++k) fp32_layer[k] = false;
+  auto fp32_codes = [&](int64_t k) {
+    float* Pk = pk.P.get() + k * pk.nchunks * D * MR;
+    if (bf16) std::call_once(packed[k], [&] { pack_layer(Pk, cb + k * bins * D, bins, D, pk.nchunks); });
+    return static_cast<const float*>(Pk);
+  };
+#else
+  auto fp32_codes = [&](int64_t k) { return pk.codes(k); };
 #endif
   const float* xp = x.data_ptr<float>();
   int64_t* cp = codes.data_ptr<int64_t>();
@@ -625,12 +642,14 @@ std::vector<at::Tensor> encode(const at::Tensor& x, const at::Tensor& codebooks,
           float* Rp = R.get() + p * D * RB;
           int32_t* ip = idx.get() + p * RB;
           if (need_residuals) panel_store_bdt(rp + k * B * D * T, Rp, D, T, row0, n);
+          bool done = false;
 #if FC_BF16
-          if (bf16)
-            search_panel_bf16(pb, k, cbk, pk.norms(k), bins, D, Rp, Rb.get(), dist.get(), cand.get(), ip);
-          else
+          if (bf16 && !fp32_layer[k].load(std::memory_order_relaxed)) {
+            done = search_panel_bf16(pb, k, cbk, pk.norms(k), bins, D, Rp, Rb.get(), dist.get(), cand.get(), ip);
+            if (!done) fp32_layer[k].store(true, std::memory_order_relaxed);
+          }
 #endif
-            search_panel(pk.codes(k), pk.norms(k), pk.nchunks, D, Rp, ip);
+          if (!done) search_panel(fp32_codes(k), pk.norms(k), pk.nchunks, D, Rp, ip);
           // residual -= chosen codeword, quantized += chosen codeword, in layer order
           for (int l = 0; l < RB; ++l) {
             const float* e = cbk + static_cast<int64_t>(ip[l]) * D;

@@ -106,7 +106,7 @@ def _adversarial(D=128, bins=1024, K=4, T=300, seed=3):
 
 @pytest.mark.skipif(not HAS_BF16, reason="CPU without avx512_bf16: encode has only the float32 search")
 @pytest.mark.parametrize("case", ["trained-like", "D256-bins2048", "odd-D", "tiny-scale", "huge-scale",
-                                  "adversarial", "non-finite"])
+                                  "adversarial", "degenerate", "non-finite"])
 def test_bf16_search_gives_the_float32_codes(ext, fp32_search, case):
     # the bf16 pass only chooses candidates (bound E on its error, every code within 2E of the best is
     # re-ranked with the float32 kernel's exact arithmetic): codes, quantized and residuals are bitwise equal
@@ -124,6 +124,11 @@ def test_bf16_search_gives_the_float32_codes(ext, fp32_search, case):
         cn = (cb * cb).sum(-1)
     elif case == "adversarial":
         x, cb, cn = _adversarial()
+    elif case == "degenerate":  # every code a candidate: the float32 search takes over these layers
+        x, cb, _ = _problem(2, 64, 100, 3, 256)
+        cb[0] = 0.0  # kmeans_init codebooks before their first training batch
+        cb[2] = cb[2, :1]
+        cn = (cb * cb).sum(-1)
     else:  # the op rejects these; the kernel itself must still give the float32 answer, never a wild index
         x, cb, cn = _problem(1, 32, 60, 2, 64)
         x[0, 3, 5], x[0, 4, 6], cb[1, 7, 0] = float("nan"), float("inf"), float("inf")
