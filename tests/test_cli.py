@@ -318,3 +318,18 @@ def test_suites_select_cases():
         bc.select("quick", ["nope"])
     with pytest.raises(ValueError, match="unknown suite"):
         bc.select("huge")
+
+
+def test_rtf_script_runs_and_writes_json(tmp_path, capsys):
+    # python -m fastcodec.bench.rtf on a tenth of a second: every provider, both stages, the paper's numbers
+    from fastcodec.bench import rtf
+
+    out = tmp_path / "rtf.json"
+    assert rtf.main(["--seconds", "0.1", "--repeats", "1", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["codes_equal_fraction"] == 1.0
+    res = d["results"]["1"]
+    assert {"fastcodec", "reference", "audiocraft"} <= set(res)
+    for stages in res.values():
+        assert stages["encode"]["rtf"] > 0 and stages["decode"]["rtf"] > 0
+    assert "paper (one thread): encode 9.8x, decode 10.4x" in capsys.readouterr().out
