@@ -82,6 +82,10 @@ SEANET_CONFIGS: dict[str, dict] = {
     "24k": dict(sample_rate=24000, kwargs=dict(
         channels=1, dimension=128, n_filters=32, n_residual_layers=1, ratios=[8, 5, 4, 2], norm="weight_norm",
         causal=True, pad_mode="reflect", true_skip=False, compress=2, lstm=2)),
+    # MusicGen's 32 kHz compression model (audiocraft's encodec_musicgen_32khz SEANet settings)
+    "32k": dict(sample_rate=32000, kwargs=dict(
+        channels=1, dimension=128, n_filters=64, n_residual_layers=1, ratios=[8, 5, 4, 4], norm="weight_norm",
+        causal=False, pad_mode="constant", true_skip=True, compress=2, lstm=2)),
     "48k": dict(sample_rate=48000, kwargs=dict(
         channels=2, dimension=128, n_filters=32, n_residual_layers=1, ratios=[8, 5, 4, 2], norm="time_group_norm",
         causal=False, pad_mode="reflect", true_skip=False, compress=2, lstm=2)),
@@ -697,11 +701,13 @@ CASES: list[Case] = [
     _seanet("seanet_encoder", "24k", 1, 1, Q),
     _seanet("seanet_encoder", "24k", 1, 10, Q),
     _seanet("seanet_encoder", "24k", 8, 10, F),
+    _seanet("seanet_encoder", "32k", 1, 10, Q),
     _seanet("seanet_encoder", "48k", 1, 10, F),
     _seanet("seanet_decoder", "24k", 1, 0.1, S),
     _seanet("seanet_decoder", "24k", 1, 1, Q),
     _seanet("seanet_decoder", "24k", 1, 10, Q),
     _seanet("seanet_decoder", "24k", 8, 10, F),
+    _seanet("seanet_decoder", "32k", 1, 10, Q),
     _seanet("seanet_decoder", "48k", 1, 10, F),
     Case("seanet_streaming", "24k-zeropad-encoder-B1", dict(config="24k-zeropad", side="encoder", B=1), S + Q),
     Case("seanet_streaming", "24k-zeropad-decoder-B1", dict(config="24k-zeropad", side="decoder", B=1), S + Q),
