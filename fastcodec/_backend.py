@@ -25,6 +25,8 @@ FAMILIES = ("rvq", "conv")
 CPP_EXTENSIONS: dict[str, tuple[list[str], list[str]]] = {
     "rvq_cpu": (["rvq_cpu.cpp"], []),
     "conv_cpu": (["conv1d_cpu.cpp"], []),
+    "lstm_cpu": (["lstm_cpu.cpp"], []),
+    "stream_cpu": (["stream_cpu.cpp"], []),
 }
 
 # family -> device type -> backends in order of preference (reference is always last)

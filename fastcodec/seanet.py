@@ -5,8 +5,9 @@ forward walks a plan compiled once from ``self.model``: each ``ELU -> Streamable
 one ``fastcodec::conv1d`` call (padding and ELU inside the kernel, no padded copy), each residual
 block's last conv adds the shortcut in its epilogue, and each ``ELU -> StreamableConvTranspose1d``
 becomes one ``fastcodec::conv_transpose1d`` call (trim included). The LSTM runs through
-``fastcodec::lstm`` (ATen's LSTM behind an opaque op, so ``torch.compile(fullgraph=True)`` traces
-the whole module). Weight-norm weights are folded once per parameter change. Other activations,
+``fastcodec::lstm`` (the fused C++ LSTM of ``ops/lstm.py`` on CPU float32 with the ``cpp`` conv backend,
+else ATen's, behind an opaque op, so ``torch.compile(fullgraph=True)`` traces the whole module).
+Weight-norm weights are folded once per parameter change. Other activations,
 norms (time_group_norm) and modules run as they are. ``FASTCODEC_BACKEND=reference`` (or
 ``FASTCODEC_CONV_BACKEND``) runs the reference forward.
 """
@@ -19,6 +20,7 @@ from torch import nn
 
 from . import _backend
 from .ops import conv as conv_ops
+from .ops import lstm as lstm_ops
 from .reference import seanet as ref_seanet
 from .reference.conv import StreamableConv1d, StreamableConvTranspose1d, get_extra_padding_for_conv1d
 from .reference.lstm import StreamableLSTM
@@ -40,6 +42,8 @@ def _lstm_impl(x: torch.Tensor, weights: list[torch.Tensor], num_layers: int) ->
 @torch.library.custom_op("fastcodec::lstm", mutates_args=())
 def lstm_op(x: torch.Tensor, weights: list[torch.Tensor], num_layers: int) -> torch.Tensor:
     """Multi-layer unidirectional LSTM from zero state. x: (T, B, C) -> (T, B, hidden)."""
+    if lstm_ops.use_cpp(x):  # the fused C++ LSTM (forward only; the backward recomputes with ATen)
+        return lstm_ops.lstm_cpu(x, weights, num_layers)
     return _lstm_impl(x, weights, num_layers).clone()
 
 
@@ -54,17 +58,33 @@ def _lstm_setup(ctx, inputs, output):
     ctx.num_layers = num_layers
 
 
+@torch.library.custom_op("fastcodec::lstm_backward", mutates_args=())
+def lstm_backward_op(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+                     num_layers: int) -> list[torch.Tensor]:
+    """Gradients [dx, *dweights] of ``lstm_op`` by recomputing ATen's LSTM (an opaque op, so that
+    AOTAutograd traces the backward graph instead of an autograd.grad call inside it)."""
+    # recompute (the forward kept no graph); torch.func.vjp, since an op body runs below autograd.
+    # oneDNN's LSTM (ATen's CPU default) returns a workspace that vjp cannot carry: the native kernel here
+    # (torch.backends.mkldnn.flags would also warn about TF32 on every call)
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        _, vjp = torch.func.vjp(lambda xs, ws: _lstm_impl(xs, ws, num_layers), x, list(weights))
+        gx, gws = vjp(grad)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+    return [gx, *gws]
+
+
+@lstm_backward_op.register_fake
+def _(grad, x, weights, num_layers):
+    return [torch.empty_like(x)] + [torch.empty_like(w) for w in weights]
+
+
 def _lstm_backward(ctx, grad):
     x, *weights = ctx.saved_tensors
-    with torch.enable_grad():  # recompute: the forward kept no graph (it ran inside an opaque op)
-        xs = x.detach().requires_grad_(x.requires_grad)
-        ws = [w.detach().requires_grad_(w.requires_grad) for w in weights]
-        y = _lstm_impl(xs, ws, ctx.num_layers)
-        wanted = [t for t in [xs, *ws] if t.requires_grad]
-        got = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True)) if wanted else iter(())
-    gx = next(got) if xs.requires_grad else None
-    gws = [next(got) if w.requires_grad else None for w in ws]
-    return gx, gws, None
+    gx, *gws = lstm_backward_op(grad.contiguous(), x, weights, ctx.num_layers)
+    return (gx if x.requires_grad else None), [g if w.requires_grad else None for g, w in zip(gws, weights)], None
 
 
 lstm_op.register_autograd(_lstm_backward, setup_context=_lstm_setup)
