@@ -35,30 +35,41 @@ model, MusicGen's 32 kHz codec: their centred padding reads future samples), ``t
 (normalises over the whole signal), circular padding, the codec's volume normalisation and segments.
 
 Per-chunk work (inference only: it runs under ``torch.no_grad``): a plan is compiled once per module
-(``plan_of``) into steps with precomputed constants; a step writes its input (through the fused activation)
-into its preallocated, time-major buffer and runs one im2col GEMM on a view of it, with the chunk's few
-frames as rows (where ``F.conv1d`` is 10x slower and 4x less accurate on the AMD EPYC). Weight-norm weights
-are folded and packed once, again only when a parameter's version or storage changes. The conv is
-``conv1d_step`` / ``conv_transpose1d_step``: the seam where a fast conv plugs in (``register_step_builder``
-for module classes of its own).
+(``plan_of``) into steps with precomputed constants. Float32 on the CPU with the ``cpp`` conv backend, a conv
+step is one call into csrc/stream_cpu.cpp (``conv_push`` / ``convtr_push``): the chunk goes through the fused
+ELU into the step's time-major buffer after the context it holds (moved to the buffer's front when the chunk
+would not fit: the past is never re-padded), and the frames it completes come out of a small GEMM with the
+frames as rows, vectorised along output channels, into the step's output buffer, reused chunk after chunk
+(``_Slots.outs``, not part of the state). The LSTM step is the fused C++ LSTM (``fastcodec.ops.lstm``), ``h``
+and ``c`` updated in place. After warm-up a chunk allocates only the tensor returned to the caller.
+Otherwise (float64, CUDA, ``FASTCODEC_BACKEND=reference``, activations other than ELU, start-up and flush)
+the steps run ATen: an im2col GEMM on a view of the buffer, with the chunk's few frames as rows (where
+``F.conv1d`` is 10x slower and 4x less accurate on the AMD EPYC); ``conv1d_step`` / ``conv_transpose1d_step``
+are that seam (``register_step_builder`` for module classes of its own; a step whose seam was replaced keeps
+ATen). Weight-norm weights are folded and packed once, again only when a parameter's version or storage changes.
 
 Cost: a 320-sample chunk of the 24 kHz model reads every float32 weight once (28.3 MiB per direction), so
-B=1 streaming is bound by memory bandwidth: measured on the 2-core AMD EPYC, 1 thread, 3.6 ms per chunk
-through the encoder against 0.8 (weights in cache) to 1.3 ms (from memory) just to read them. A batch of
-streams shares that read. Use one thread: on a shared 2-core machine a 2-thread OpenMP barrier waits on a
-descheduled thread (measured 28 ms median).
+B=1 streaming is bound by memory bandwidth. Measured on the shared 2-core AMD EPYC (load average ~3), 1
+thread, blocks of 50 chunks: encoder 1.92 ms median per chunk (ATen steps: 4.59) against 1.00 ms to read the
+weights once with ``torch.sum`` in the same run; decoder 2.10 ms (4.17) against 1.31 ms; the per-chunk
+overhead of the ~20 steps (Python, calls) is 0.19 ms. A batch of streams shares the weight read. Use one
+thread on a shared machine: a 2-thread OpenMP barrier waits on a descheduled thread (measured 10.9 ms median).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import typing as tp
+import warnings
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _backend
+from . import _build as _extensions
 from .reference.conv import StreamableConv1d, StreamableConvTranspose1d, pad1d
 from .reference.lstm import StreamableLSTM
 from .reference.model import EncodecModel as _RefEncodecModel
@@ -182,36 +193,60 @@ def pack_conv_transpose1d(weight: torch.Tensor) -> torch.Tensor:
 
 class _FoldedWeight:
     """A conv's weight, weight-norm folded (``torch._weight_norm``, bitwise the module's own ``.weight``)
-    and packed once, cached until ``weight``/``weight_v``/``weight_g`` change version or storage."""
+    and packed once, cached until ``weight``/``weight_v``/``weight_g`` change version or storage.
+    ``panels()`` is the packed weight in the streaming kernels' layout (``pack_panels``), cached the same way."""
 
-    __slots__ = ("params", "pack", "key", "value")
+    __slots__ = ("params", "pack", "key", "value", "panel_key", "panel_value")
 
     def __init__(self, conv: nn.Module, pack: tp.Callable[[torch.Tensor], torch.Tensor]):
         self.params = conv._parameters
         self.pack = pack
         self.key: tuple | None = None
         self.value: tuple | None = None
+        self.panel_key: tuple | None = None
+        self.panel_value: torch.Tensor | None = None
 
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (weight, packed weight)."""
+    def _key(self) -> tuple | None:
         params = self.params
         v = params.get("weight_v")
         # a new dtype or device means a new storage, so data_ptr covers .to(); _version covers in-place updates
         try:
             if v is None:
                 w = params["weight"]
-                key = (w._version, w.data_ptr())
-            else:
-                g = params["weight_g"]
-                key = (v._version, g._version, v.data_ptr(), g.data_ptr())
+                return (w._version, w.data_ptr())
+            g = params["weight_g"]
+            return (v._version, g._version, v.data_ptr(), g.data_ptr())
         except RuntimeError:  # inference tensors carry no version: fold every time
-            key = None
+            return None
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (weight, packed weight)."""
+        key = self._key()
         if key is None or key != self.key:
+            params = self.params
+            v = params.get("weight_v")
             with torch.no_grad():
                 w = params["weight"].detach() if v is None else torch._weight_norm(v, params["weight_g"], 0)
                 self.value = (w, self.pack(w))
             self.key = key
         return self.value
+
+    def panels(self, kernels) -> torch.Tensor:
+        """The packed weight (K, N) = ``pack(w)`` as (N, K) transposed, in ``kernels.pack_panels``' layout."""
+        key = self._key()
+        if key is None or key != self.panel_key:
+            packed = self.get()[1]
+            if self.pack is pack_conv1d:
+                packed = packed.t()
+            self.panel_value = kernels.pack_panels(packed, _panel_width(packed.shape[1]))
+            self.panel_key = key
+        return self.panel_value
+
+
+def _panel_width(n: int) -> int:
+    """Output columns per weight panel of the streaming kernels: up to 64 (4 AVX-512 vectors, 24 accumulators
+    at 6 frames), fewer for narrow layers so no lane computes padding only."""
+    return 16 * min(4, -(-n // 16))
 
 
 class _Slot:
@@ -234,6 +269,32 @@ def _int_fields(slot: _Slot) -> dict:
     return {k: v for k, v in vars(slot).items() if not isinstance(v, torch.Tensor)}
 
 
+class _Slots(list):
+    """``StreamState.slots``: the steps' ``_Slot`` list, plus what is not state: ``kernels`` (the streaming
+    C++ kernels when this chunk may use them, else None; set per call) and ``outs`` (per step: its reusable
+    output buffer). Copies of a state start with fresh ones."""
+
+    def __init__(self, slots=()):
+        super().__init__(slots)
+        self.kernels = None
+        self.outs: dict[int, tuple] = {}
+
+
+def _out_view(slots: _Slots, idx: int, like: torch.Tensor, channels: int, frames: int) -> torch.Tensor:
+    """Step ``idx``'s output (batch, channels, frames), time-major in a buffer reused across chunks (grown when a
+    chunk needs more frames; the same view while the frame count repeats)."""
+    entry = slots.outs.get(idx)
+    if entry is not None and entry[0] == frames:
+        return entry[1]
+    if entry is None or entry[2].shape[1] < frames:
+        store = torch.empty(like.shape[0], frames, channels, dtype=like.dtype, device=like.device)
+    else:
+        store = entry[2]
+    view = store[:, :frames].transpose(1, 2)
+    slots.outs[idx] = (frames, view, store)
+    return view
+
+
 class StreamState:
     """The state of a batch of streams through one module (see the module docstring).
 
@@ -246,7 +307,7 @@ class StreamState:
                  device: torch.device, finished: bool = False):
         self.signature = signature
         self.batch_size = batch_size
-        self.slots = slots
+        self.slots = _Slots(slots)
         self.dtype = dtype
         self.device = device
         self.finished = finished
@@ -507,6 +568,9 @@ class _Conv(_Step):
         self.act_into = None if act is None else _pointwise_into(act)
         self.act_name = None if act is None else type(act).__name__
         self.conv = conv1d_step
+        # the streaming kernels fuse no activation but the ELU, and have no groups
+        self.fast = self.groups == 1 and (act is None or type(act) is nn.ELU)
+        self.alpha = float(act.alpha) if type(act) is nn.ELU else None
 
     def describe(self):
         a = f"{self.act_name}+" if self.act_name else ""
@@ -547,8 +611,32 @@ class _Conv(_Step):
         st.n = padded.shape[-1]
         st.warm = True
 
+    def _push_fast(self, kernels, x, slots, st):
+        """One ``conv_push``: the chunk through the ELU into the buffer, the frames it completes into the step's
+        reused output buffer."""
+        T = x.shape[-1]
+        n = st.n
+        if n + T > st.buf.shape[-1]:
+            self._reserve(st, T)
+        if st.buf.stride(2) != self.in_channels:  # a state loaded or built elsewhere: back to time-major
+            st.buf = _tm(_tm(st.buf).contiguous())
+        total = n + T
+        frames = (total - self.span) // self.stride + 1 if total >= self.span else 0
+        out = _out_view(slots, self.idx, x, self.out_channels, frames) if frames else None
+        start = kernels.conv_push(st.buf, x, st.start, n, self.alpha, frames, self.kernel_size, self.stride,
+                                  self.dilation, self.weight.panels(kernels), self.conv_params["bias"], out)
+        consumed = frames * self.stride
+        st.start = start + consumed
+        st.n = total - consumed
+        st.total += T
+        st.emitted += frames
+        return out
+
     def push(self, x, slots):
         st = slots[self.idx]
+        kernels = slots.kernels
+        if kernels is not None and st.warm and self.fast and self.conv is conv1d_step:
+            return self._push_fast(kernels, x, slots, st)
         T = x.shape[-1]
         end = st.start + st.n
         if end + T > st.buf.shape[-1]:
@@ -631,6 +719,8 @@ class _ConvTranspose(_Step):
         self.act = None if act is None else _pointwise(act)
         self.act_name = None if act is None else type(act).__name__
         self.conv = conv_transpose1d_step
+        self.fast = self.groups == 1 and (act is None or type(act) is nn.ELU)
+        self.alpha = float(act.alpha) if type(act) is nn.ELU else None
 
     def describe(self):
         a = f"{self.act_name}+" if self.act_name else ""
@@ -646,6 +736,16 @@ class _ConvTranspose(_Step):
     def push(self, x, slots):
         st = slots[self.idx]
         T = x.shape[-1]
+        kernels = slots.kernels
+        # past the left trim (none in the 24 kHz model) every input frame completes `stride` outputs
+        if kernels is not None and not st.skip and self.fast and self.conv is conv_transpose1d_step:
+            if self.overlap > 1 and st.pending.stride(2) != self.out_channels:
+                st.pending = _tm(_tm(st.pending).contiguous())
+            out = _out_view(slots, self.idx, x, self.out_channels, T * self.stride)
+            kernels.convtr_push(x, self.alpha, self.kernel_size, self.stride, self.weight.panels(kernels),
+                                self.conv_params["bias"], st.pending, 0, out)
+            st.total += T
+            return out
         if self.act is not None:
             x = self.act(x)
         w, packed = self.weight.get()
@@ -715,9 +815,11 @@ def _lstm_pointwise(gates: torch.Tensor, c: torch.Tensor, hidden: int) -> tuple[
 
 
 class _LSTM(_Step):
-    """``StreamableLSTM``, layer by layer: one GEMM for the chunk's input projection, then per step
-    ``gates += h W_hh^T`` and the cell's pointwise ops (``torch.lstm_cell`` reads its (4H, K) weights at
-    half that rate: 1.36 vs 0.66 ms per layer and step, out of cache). Slot: ``h``, ``c`` (B, layers, H)."""
+    """``StreamableLSTM``. With the streaming kernels: the fused C++ LSTM (``fastcodec.ops.lstm``), ``h``/``c``
+    updated in place, output into the step's reused buffer. Otherwise layer by layer: one GEMM for the chunk's
+    input projection, then per step ``gates += h W_hh^T`` and the cell's pointwise ops (``torch.lstm_cell``
+    reads its (4H, K) weights at half that rate: 1.36 vs 0.66 ms per layer and step, out of cache).
+    Slot: ``h``, ``c`` (B, layers, H)."""
 
     def __init__(self, module: nn.Module, path: str):
         lstm = module.lstm
@@ -729,6 +831,8 @@ class _LSTM(_Step):
         self.in_channels = lstm.input_size
         self.out_channels = lstm.hidden_size
         self.weights = _LSTMWeights(lstm)
+        self.lstm = lstm
+        self.packed = None  # fastcodec.ops.lstm.PackedLSTMWeights, made on first use
 
     def describe(self):
         return f"LSTM({self.in_channels},{self.layers}{',skip' if self.skip else ''})"
@@ -739,8 +843,32 @@ class _LSTM(_Step):
                            c=like.new_zeros(batch, self.layers, self.out_channels)))
         return hint
 
+    def _push_fused(self, fused, x, slots, st):
+        T = x.shape[-1]
+        xt = x.permute(2, 0, 1)  # (T, B, C): unit stride along C from a time-major step output
+        if xt.stride(2) != 1:
+            xt = xt.contiguous()
+        entry = slots.outs.get(self.idx)
+        if entry is None or entry[0] != T:
+            store = entry[2] if entry is not None and entry[2].shape[0] >= T else \
+                torch.empty(T, x.shape[0], self.out_channels, dtype=x.dtype, device=x.device)
+            entry = slots.outs[self.idx] = (T, (store[:T], store[:T].permute(1, 2, 0)), store)
+        out, y = entry[1]
+        if self.packed is None:
+            self.packed = fused.PackedLSTMWeights(self.lstm)
+        if st.h.stride(2) != 1 or st.c.stride(2) != 1:  # StreamState.cat/select keep the other layout
+            st.h, st.c = st.h.contiguous(), st.c.contiguous()
+        fused.forward_packed(xt, self.packed.get(), st.h.transpose(0, 1), st.c.transpose(0, 1), out)
+        if self.skip:
+            y.add_(x)
+        return y
+
     def push(self, x, slots):
         st = slots[self.idx]
+        if slots.kernels is not None:
+            fused = _fused_lstm()
+            if fused is not None:
+                return self._push_fused(fused, x, slots, st)
         B, C, T = x.shape
         H = self.out_channels
         seq = x.transpose(1, 2)  # [B, T, C]
@@ -1003,6 +1131,50 @@ def _check_chunk(plan: StreamPlan, chunk, state: StreamState, what: str) -> None
         raise ValueError(f"{what}: chunk is on {chunk.device} but the state is on {state.device}")
 
 
+_KERNELS: dict[tp.Any, tp.Any] = {}
+
+
+def _stream_kernels(state: StreamState):
+    """csrc/stream_cpu.cpp when this state's chunks may use it (float32 on CPU, conv backend ``cpp``), else None.
+    A failed build warns once and streams through ATen, or raises when ``cpp`` was forced."""
+    if state.dtype != torch.float32 or state.device.type != "cpu":
+        return None
+    # the backend choice per setting of the variables it reads: _backend.choose costs 7 us, a chunk ~1 ms
+    env = (os.environ.get("FASTCODEC_CONV_BACKEND"), os.environ.get("FASTCODEC_BACKEND"))
+    backend = _KERNELS.get(env)
+    if backend is None:
+        backend = _KERNELS[env] = _backend.choose("conv", "cpu")
+    if backend != "cpp":
+        return None
+    kernels = _KERNELS.get("ext")
+    if kernels is None:
+        try:
+            kernels = _KERNELS["ext"] = _extensions.load_named("stream_cpu")
+        except _extensions.ExtensionBuildError as e:
+            if _backend.requested("conv") == "cpp":
+                raise _backend.BackendUnavailableError(f"FASTCODEC_BACKEND=cpp was forced but the streaming "
+                                                       f"kernels cannot be built: {e}") from e
+            kernels = _KERNELS["ext"] = False
+            warnings.warn(f"fastcodec: streaming runs on ATen ops (slower): {e}", RuntimeWarning, stacklevel=3)
+    return kernels or None
+
+
+def _fused_lstm():
+    """``fastcodec.ops.lstm`` when its extension builds, else None (streaming then keeps the ATen LSTM step;
+    ``fastcodec::lstm`` warns about the build itself)."""
+    fused = _KERNELS.get("lstm")
+    if fused is None:
+        try:
+            from .ops import lstm as fused
+
+            fused.extension()
+            fused.PackedLSTMWeights, fused.forward_packed  # the two entry points the step calls
+        except (ImportError, AttributeError, _extensions.ExtensionBuildError):
+            fused = False
+        _KERNELS["lstm"] = fused
+    return fused or None
+
+
 def stream(module: nn.Module, chunk: torch.Tensor, state):
     """Push ``chunk`` (B, C_in, n), n >= 1, through ``module``; returns ``(out, state)``.
 
@@ -1014,11 +1186,13 @@ def stream(module: nn.Module, chunk: torch.Tensor, state):
     plan = plan_of(module)
     _check_state(plan, state, "stream")
     _check_chunk(plan, chunk, state, "stream")
+    kernels = state.slots.kernels = _stream_kernels(state)
     with torch.no_grad():
         y = plan.push(chunk, state)
     if y is None:
         return chunk.new_zeros(chunk.shape[0], plan.out_channels, 0), state
-    return y.contiguous(), state
+    # with the kernels, y may be a step's reused output buffer: the caller gets its own copy
+    return (y.clone(memory_format=torch.contiguous_format) if kernels is not None else y.contiguous()), state
 
 
 def stream_flush(module: nn.Module, state) -> torch.Tensor:
@@ -1027,12 +1201,13 @@ def stream_flush(module: nn.Module, state) -> torch.Tensor:
         return _codec_flush(module, state)
     plan = plan_of(module)
     _check_state(plan, state, "stream_flush")
+    kernels = state.slots.kernels = _stream_kernels(state)
     with torch.no_grad():
         y = plan.flush(state)
     state.finished = True
     if y is None:
         return _like(module).new_zeros(state.batch_size, plan.out_channels, 0)
-    return y.contiguous()
+    return y.clone(memory_format=torch.contiguous_format) if kernels is not None else y.contiguous()
 
 
 def _is_codec(module) -> bool:

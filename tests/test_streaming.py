@@ -16,9 +16,11 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastcodec import _build
 from fastcodec import streaming as S
 from fastcodec.reference.conv import StreamableConv1d
 from fastcodec.reference.model import EncodecModel
@@ -465,3 +467,185 @@ def test_fast_codec_streams_like_the_reference(model24):
     rt, _ = _run(fast, x, sizes)
     with torch.no_grad():
         _assert_f32(rt, model(x), model64.decode(codes_off)[..., :x.shape[-1]], "fast audio -> audio")
+
+
+# ---- the streaming kernels (csrc/stream_cpu.cpp) ----
+
+# Worst-case float32 error of the kernels' reduction, in units of 2^-24 * (|bias| + sum |w| |act(x)|): each
+# output sums chunks of 64 terms (<= 64 roundings each), then adds the ceil(K / 64) chunk sums and the bias,
+# plus <= 4 roundings of the ELU on each input. Measured max error / this bound: 0.044 (conv) and 0.036
+# (transposed); a wrong tap, offset or overlap is off by O(|w x|), hundreds of times the bound.
+def _kernel_bound(K: int, magnitude: torch.Tensor) -> torch.Tensor:
+    return (64 + -(-K // 64) + 6) * 2.0 ** -24 * magnitude
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return _build.load_named("stream_cpu")
+
+
+def _panels(kernels, w2d: torch.Tensor) -> torch.Tensor:
+    return kernels.pack_panels(w2d, S._panel_width(w2d.shape[1]))
+
+
+@pytest.mark.parametrize("c_in,c_out,k,s,d,frames,batch", [
+    (1, 32, 7, 1, 1, 320, 1), (32, 16, 3, 1, 1, 13, 1), (64, 128, 8, 4, 1, 40, 1), (128, 256, 10, 5, 1, 8, 1),
+    (256, 512, 16, 8, 1, 1, 1), (5, 3, 3, 2, 3, 17, 2), (7, 70, 5, 1, 2, 25, 3), (130, 1, 7, 1, 1, 29, 1),
+    (3, 50, 1, 1, 1, 7, 2)], ids=lambda v: str(v))
+def test_conv_push_matches_float64(kernels, c_in, c_out, k, s, d, frames, batch):
+    """conv_push: the chunk goes through the ELU into the time-major buffer after the ``n`` samples held
+    (moved to the front when they would not fit), then ``frames`` outputs; x strided, not contiguous."""
+    span = (k - 1) * d + 1
+    total = (frames - 1) * s + span
+    n = min(total - 1, span - 1 + s)  # samples held: the rest of the input arrives as the chunk
+    T = total - n
+    cap = total + 3
+    w, b = torch.randn(c_out, c_in, k), torch.randn(c_out)
+    x = torch.randn(batch, c_in, total)
+    xe = F.elu(x)
+    buf = torch.full((batch, cap, c_in), float("nan")).transpose(1, 2)
+    start = cap - n  # forces the move to the front
+    buf[:, :, start:].copy_(xe[:, :, :n])
+    chunk = torch.randn(batch, T, c_in).transpose(1, 2)
+    chunk.copy_(x[:, :, n:])
+    out = torch.full((batch, frames, c_out), float("nan")).transpose(1, 2)
+    packed = _panels(kernels, S.pack_conv1d(w).t())
+    got = kernels.conv_push(buf, chunk, start, n, 1.0, frames, k, s, d, packed, b, out)
+    assert got == 0
+    assert torch.equal(buf[:, :, :total], torch.cat([xe[:, :, :n], kernels.elu(x[:, :, n:].contiguous(), 1.0)], -1))
+    expected = F.conv1d(xe.double(), w.double(), b.double(), s, 0, d)
+    bound = _kernel_bound(c_in * k, F.conv1d(xe.double().abs(), w.double().abs(), b.double().abs(), s, 0, d))
+    err = (out.double() - expected).abs()
+    assert not out.isnan().any() and (err <= bound).all(), f"max err {err.max():.3e}, bound {bound.min():.3e}"
+
+
+@pytest.mark.parametrize("c_in,c_out,k,s,T,batch", [
+    (512, 256, 16, 8, 1, 1), (256, 128, 10, 5, 8, 1), (64, 32, 4, 2, 160, 1), (7, 3, 5, 2, 3, 2), (9, 20, 3, 3, 4, 2),
+    (33, 1, 7, 1, 5, 1)], ids=lambda v: str(v))
+def test_convtr_push_matches_float64(kernels, c_in, c_out, k, s, T, batch):
+    """convtr_push over two chunks: overlap carried in ``pending`` equals the offline transposed conv."""
+    w, b = torch.randn(c_in, c_out, k), torch.randn(c_out)
+    x = torch.randn(batch, c_in, 2 * T)
+    ov = k - s
+    pending = torch.zeros(batch, ov, c_out).transpose(1, 2)
+    packed = _panels(kernels, S.pack_conv_transpose1d(w))
+    outs = []
+    for part in (x[:, :, :T], x[:, :, T:]):
+        out = torch.full((batch, T * s, c_out), float("nan")).transpose(1, 2)
+        kernels.convtr_push(part, 1.0, k, s, packed, b, pending, 0, out)
+        outs.append(out)
+    got = torch.cat(outs + [pending + b[:, None]], -1).double()
+    xe = F.elu(x).double()
+    expected = F.conv_transpose1d(xe, w.double(), b.double(), s)
+    bound = _kernel_bound(c_in, F.conv_transpose1d(xe.abs(), w.double().abs(), b.double().abs(), s))
+    err = (got - expected).abs()
+    assert (err <= bound).all(), f"max err {err.max():.3e}, bound {bound.min():.3e}"
+
+
+def test_stream_kernels_elu_error(kernels):
+    """The kernels' vectorised ELU against float64: measured <= 1.27 ulp of the result (bound 4 ulp)."""
+    x = torch.cat([torch.linspace(-100, 5, 200001), torch.tensor([0.0, -0.0, -1e-30, -1e-7, 1e-7])])
+    got = kernels.elu(x, 1.0).double()
+    expected = F.elu(x.double())
+    err = (got - expected).abs()
+    assert (err <= 4 * 2.0 ** -24 * expected.abs()).all(), f"max err {(err / expected.abs()).max() * 2 ** 24:.2f} ulp"
+    special = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    assert torch.equal(kernels.elu(special, 1.0)[:2], torch.tensor([float("inf"), -1.0]))
+    assert kernels.elu(special, 1.0)[2].isnan()
+
+
+def test_stream_kernels_refuse_bad_input(kernels):
+    buf = torch.zeros(1, 8, 4).transpose(1, 2)
+    packed = _panels(kernels, torch.randn(12, 5))
+    out = torch.empty(1, 1, 5).transpose(1, 2)
+    args = dict(start=0, n=2, alpha=None, frames=1, kernel=3, stride=1, dilation=1)
+
+    def push(buf=buf, x=torch.zeros(1, 4, 3), packed=packed, out=out, **kw):
+        a = {**args, **kw}
+        return kernels.conv_push(buf, x, a["start"], a["n"], a["alpha"], a["frames"], a["kernel"], a["stride"],
+                                 a["dilation"], packed, None, out)
+
+    push()  # the good call
+    with pytest.raises(RuntimeError, match="do not fit"):
+        push(x=torch.zeros(1, 4, 7))
+    with pytest.raises(RuntimeError, match="time-major"):
+        push(buf=torch.zeros(1, 4, 8))
+    with pytest.raises(RuntimeError, match="frames need more"):
+        push(frames=4)
+    with pytest.raises(RuntimeError, match="packed weight"):
+        push(packed=_panels(kernels, torch.randn(11, 5)))
+    with pytest.raises(RuntimeError, match="float32"):
+        push(x=torch.zeros(1, 4, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="channel stride 1"):
+        push(frames=2, out=torch.empty(1, 5, 2))  # (B, N, frames) stored channel-major
+    with pytest.raises(RuntimeError, match="output tensor"):
+        push(out=None)
+    with pytest.raises(RuntimeError, match="drop"):
+        kernels.convtr_push(torch.zeros(1, 3, 1), None, 4, 2, _panels(kernels, torch.randn(3, 20)), None,
+                            torch.zeros(1, 2, 5).transpose(1, 2), 2, torch.empty(1, 5, 1))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_small_configs_float32_kernels(name, nan_poison):
+    """The float32 path (streaming kernels where a step allows them) on the small configs, against float64,
+    with output buffers NaN-poisoned: any read of an unwritten sample shows."""
+    torch.manual_seed(8)
+    kw = {**SMALL, **CONFIGS[name]}
+    dec_kw = dict(trim_right_ratio=0.5, final_activation="Tanh") if name == "reflect" else {}
+    for module, total, unit in [(S.StreamingSEANetEncoder(**kw), 173, 6),
+                                (S.StreamingSEANetDecoder(**kw, **dec_kw), 11, 1)]:
+        _perturb_weight_norm(module)
+        x = torch.randn(2, module.channels if unit > 1 else module.dimension, total)
+        with torch.no_grad():
+            off32, off64 = module(x), copy.deepcopy(module).double()(x.double())
+        state = S.stream_state(module, 2)
+        y, _ = _run(module, x, _split(total, "random", 3, unit=unit), state)
+        assert state.slots.outs, "the streaming kernels did not run"
+        _assert_f32(y, off32, off64, f"{name}/{type(module).__name__}")
+
+
+def _allocations(fn, chunks: int) -> list[int]:
+    """Bytes of each tensor allocation made by ``chunks`` calls of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(chunks):
+            fn()
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
+def test_no_allocation_per_chunk_after_warmup():
+    """After warm-up a chunk allocates nothing but the output it returns (the conv path writes into the
+    state's buffers and the steps' reused outputs, which keep their storage); no LSTM here (its own op)."""
+    torch.manual_seed(9)
+    kw = dict(channels=1, dimension=128, n_filters=32, ratios=[8, 5, 4, 2], causal=True, lstm=0)
+    for module, chunk in [(S.StreamingSEANetEncoder(**kw), torch.randn(1, 1, HOP)),
+                          (S.StreamingSEANetDecoder(**kw), torch.randn(1, 128, 1) * 0.1)]:
+        state = module.stream_state(1)
+        for _ in range(10):
+            y, _ = module.stream(chunk, state)
+        ptrs = [t.data_ptr() for slot in state.slots for t in vars(slot).values() if isinstance(t, torch.Tensor)]
+        outs = [e[2].data_ptr() for e in state.slots.outs.values()]
+        assert len(outs) >= 10
+        allocs = _allocations(lambda: module.stream(chunk, state), 5)
+        assert allocs == [y.numel() * 4] * 5, f"{type(module).__name__}: allocations per 5 chunks {allocs}"
+        assert [t.data_ptr() for slot in state.slots for t in vars(slot).values() if isinstance(t, torch.Tensor)] \
+            == ptrs
+        assert [e[2].data_ptr() for e in state.slots.outs.values()] == outs
+
+
+def test_reference_backend_streams_through_aten(model24, monkeypatch):
+    """FASTCODEC_CONV_BACKEND=reference: no streaming kernels; the same outputs within the float32 bound."""
+    model, model64 = model24
+    x = torch.randn(1, 1, 3000)
+    sizes = _split(x.shape[-1], "random", seed=4)
+    fast_state = model.encoder.stream_state(1)
+    fast, _ = _run(model.encoder, x, sizes, fast_state)
+    monkeypatch.setenv("FASTCODEC_CONV_BACKEND", "reference")
+    state = model.encoder.stream_state(1)
+    slow, _ = _run(model.encoder, x, sizes, state)
+    assert fast_state.slots.outs and not state.slots.outs
+    with torch.no_grad():
+        off32, off64 = model.encoder(x), model64.encoder(x.double())
+    _assert_f32(fast, off32, off64, "encoder/kernels")
+    _assert_f32(slow, off32, off64, "encoder/aten")
