@@ -423,6 +423,9 @@ def _onnx_impl(model: torch.nn.Module, inp: torch.Tensor, opts: Options) -> Impl
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.threads
     so.inter_op_num_threads = 1
+    # its pool spins after each run by default, taking the cores from whichever provider the round-robin
+    # times next (fastcodec's 1 s encoder measured 62 instead of 31 ms right after it)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: inp.detach().cpu().numpy()}
     return Impl(lambda: sess.run(None, feed)[0], outputs=lambda y: torch.from_numpy(y), measure_memory=False,

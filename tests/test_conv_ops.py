@@ -330,7 +330,7 @@ def test_bad_inputs_direct_op_and_extension(ext):
     ext.conv1d(*ok)
     bad = {
         "packed weight has shape": (x, wp[:, :5], None, None, out, 6, 3, 1, 1, 0, 0, 0, None),
-        "out must be contiguous": (x, wp, None, None, torch.empty(2, 6, 17), 6, 3, 1, 1, 0, 0, 0, None),
+        "out must be \\(2, 6, 18\\) with unit time stride": (x, wp, None, None, torch.empty(2, 6, 17), 6, 3, 1, 1, 0, 0, 0, None),
         "kernel span 41 exceeds": (x, wp, None, None, out, 6, 3, 1, 20, 0, 0, 0, None),
         "skip must be": (x, wp, None, torch.empty(2, 6, 3), out, 6, 3, 1, 1, 0, 0, 0, None),
         "bias must be": (x, wp, torch.empty(5), None, out, 6, 3, 1, 1, 0, 0, 0, None),

@@ -122,3 +122,34 @@ def test_bad_input(bad, err, match):
     enc = fastcodec.SEANetEncoder(**CONFIGS["encodec24k"])
     with pytest.raises(err, match=match):
         enc(bad)
+
+
+@pytest.mark.parametrize("name", ["encodec24k", "musicgen32k", "sweep-dil3-res2-nolstm"])
+@pytest.mark.parametrize("which", ["encoder", "decoder"])
+def test_tiled_residual_blocks_are_bitwise_the_untiled_ones(monkeypatch, name, which):
+    # inference on long signals runs residual blocks tile by tile (halo from the neighbours, padding only at
+    # the signal's ends): every output sample comes from the same kernel arithmetic, so bitwise equal.
+    # Small tiles here (the real one is 8192 samples) so short inputs cross many tile edges.
+    from fastcodec import seanet as S
+
+    cls = fastcodec.SEANetEncoder if which == "encoder" else fastcodec.SEANetDecoder
+    torch.manual_seed(0)
+    m = cls(**CONFIGS[name]).eval()
+    x = torch.randn(2, CONFIGS[name]["channels"], 3001) if which == "encoder" else \
+        torch.randn(2, CONFIGS[name]["dimension"], 41)
+    tiled = []
+    real = S._ResStep._tiled
+    monkeypatch.setattr(S._ResStep, "_tiled", lambda self, h: tiled.append(h.shape[-1]) or real(self, h))
+    monkeypatch.setattr(S, "_RES_TILE", 37)
+    with torch.no_grad():
+        y = m(x)
+    assert tiled, "no residual block was tiled"
+    monkeypatch.setattr(S, "_RES_TILE", 10 ** 9)
+    with torch.no_grad():
+        y_ref = m(x)
+    assert torch.equal(y, y_ref)
+    with torch.enable_grad():  # training keeps the autograd path
+        monkeypatch.setattr(S, "_RES_TILE", 37)
+        tiled.clear()
+        m(x)
+        assert not tiled
