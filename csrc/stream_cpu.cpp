@@ -19,11 +19,15 @@
 #include <cstring>
 #include <vector>
 
+#include "elu_cpu.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
+
+using fc_elu::elu_inplace;
 
 constexpr int VL = 16;  // floats per 512-bit vector
 // Reduction chunk: each output adds chunk sums of 64 terms (as conv1d_cpu.cpp does) so the float32
@@ -33,48 +37,6 @@ constexpr int64_t KC = 64;
 constexpr int64_t kParallelMinWeights = 1 << 18;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline float elu_scalar(float v, float alpha) { return v > 0.f || std::isnan(v) ? v : alpha * std::expm1(v); }
-
-#if defined(__AVX512F__)
-// x > 0 or NaN: x; else alpha * expm1(x) as 2^n * expm1(r) + (2^n - 1), x = n ln2 + r, |r| <= ln2 / 2,
-// expm1(r) by its Taylor series to r^8 (remainder < 2e-9 relative); clamped at -88 where expm1 = -1.
-inline __m512 elu16(__m512 x, __m512 alpha) {
-  const __m512 zero = _mm512_setzero_ps();
-  const __mmask16 pass = _mm512_cmp_ps_mask(x, zero, _CMP_NLE_UQ);
-  const __m512 xc = _mm512_max_ps(_mm512_min_ps(x, zero), _mm512_set1_ps(-88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);  // ln2 split hi + lo (Cody-Waite)
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 q = _mm512_set1_ps(1.f / 40320.f);
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 5040.f));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 720.f));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 120.f));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 24.f));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 6.f));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
-  const __m512 em1 = _mm512_fmadd_ps(_mm512_mul_ps(q, r), r, r);
-  const __m512 p2 = _mm512_scalef_ps(_mm512_set1_ps(1.f), n);
-  const __m512 e = _mm512_fmadd_ps(p2, em1, _mm512_sub_ps(p2, _mm512_set1_ps(1.f)));
-  return _mm512_mask_blend_ps(pass, _mm512_mul_ps(alpha, e), x);
-}
-#endif
-
-// p[0, n) = ELU(p[0, n)) in place; every element takes the same path wherever a run starts.
-void elu_inplace(float* p, int64_t n, float alpha) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512 a = _mm512_set1_ps(alpha);
-  for (; i + VL <= n; i += VL) _mm512_storeu_ps(p + i, elu16(_mm512_loadu_ps(p + i), a));
-  if (i < n) {
-    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
-    _mm512_mask_storeu_ps(p + i, m, elu16(_mm512_maskz_loadu_ps(m, p + i), a));
-  }
-#else
-  for (; i < n; ++i) p[i] = elu_scalar(p[i], alpha);
-#endif
-}
 
 // One FR frames x NV vectors tile of one reduction chunk: c[f][n] = sum_{r < nk} w[r][n] * x[f*xfs + xoff[r]],
 // then out[f*ofs + n] = (first ? bias[n] : out[f*ofs + n]) + c[f][n]. Only `mask` lanes of the last vector

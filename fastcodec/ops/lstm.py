@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import _backend, _build
-from .conv import _TensorCache
+from .conv import _TensorCache, _check_tensor, _describe
 
 EXTENSION = "lstm_cpu"
 
@@ -50,15 +50,8 @@ def extension() -> ModuleType:
     return _ext
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
-
-
 def _check_float_cpu(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    _check_tensor(name, t)
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be on the CPU, got {t.device}")
 
