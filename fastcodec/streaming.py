@@ -1160,16 +1160,20 @@ def _stream_kernels(state: StreamState):
 
 
 def _fused_lstm():
-    """``fastcodec.ops.lstm`` when its extension builds, else None (streaming then keeps the ATen LSTM step;
-    ``fastcodec::lstm`` warns about the build itself)."""
+    """``fastcodec.ops.lstm`` when its extension builds, else None: the ATen LSTM step, after one warning (or
+    BackendUnavailableError when the ``cpp`` backend was forced)."""
     fused = _KERNELS.get("lstm")
     if fused is None:
         try:
             from .ops import lstm as fused
 
             fused.extension()
-            fused.PackedLSTMWeights, fused.forward_packed  # the two entry points the step calls
-        except (ImportError, AttributeError, _extensions.ExtensionBuildError):
+        except _extensions.ExtensionBuildError as e:
+            if _backend.requested("conv") == "cpp":
+                raise _backend.BackendUnavailableError(f"FASTCODEC_BACKEND=cpp was forced but the fused LSTM "
+                                                       f"cannot be built: {e}") from e
+            warnings.warn(f"fastcodec: the streaming LSTM step runs on ATen ops (slower): {e}", RuntimeWarning,
+                          stacklevel=3)
             fused = False
         _KERNELS["lstm"] = fused
     return fused or None

@@ -649,3 +649,28 @@ def test_reference_backend_streams_through_aten(model24, monkeypatch):
         off32, off64 = model.encoder(x), model64.encoder(x.double())
     _assert_f32(fast, off32, off64, "encoder/kernels")
     _assert_f32(slow, off32, off64, "encoder/aten")
+
+
+def test_unbuildable_fused_lstm_warns_or_raises(model24, monkeypatch):
+    """The fused LSTM cannot build: auto warns once and streams the LSTM through ATen (same outputs within
+    the float32 bound); a forced cpp backend raises BackendUnavailableError naming the reason."""
+    from fastcodec import _backend
+    from fastcodec.ops import lstm as lstm_ops
+
+    model, model64 = model24
+    x = torch.randn(1, 1, 1600)
+
+    def broken():
+        raise _build.ExtensionBuildError("no compiler (simulated)")
+
+    monkeypatch.setattr(lstm_ops, "extension", broken)
+    monkeypatch.delitem(S._KERNELS, "lstm", raising=False)
+    with pytest.warns(RuntimeWarning, match="LSTM step runs on ATen.*simulated"):
+        out, _ = _run(model.encoder, x, [700, 900])
+    with torch.no_grad():
+        _assert_f32(out, model.encoder(x), model64.encoder(x.double()), "encoder/aten-lstm")
+    monkeypatch.delitem(S._KERNELS, "lstm")
+    monkeypatch.setenv("FASTCODEC_CONV_BACKEND", "cpp")
+    with pytest.raises(_backend.BackendUnavailableError, match="fused LSTM.*simulated"):
+        _run(model.encoder, x, [1600])
+    monkeypatch.delitem(S._KERNELS, "lstm", raising=False)
