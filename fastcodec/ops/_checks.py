@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import functional as Fq
+
 
 def _name(t: torch.Tensor) -> str:
     return f"{tuple(t.shape)} {t.dtype} on {t.device}"
@@ -34,40 +36,26 @@ def check_codebooks(codebooks: torch.Tensor, code_norms: torch.Tensor | None = N
 
 
 def check_x(x: torch.Tensor, codebooks: torch.Tensor) -> None:
+    """The reference's latent check (shape, emptiness, device, NaN/Inf) for float32, and contiguity."""
     check_float32("x", x)
-    if x.dim() != 3:
-        raise ValueError(f"x must be (batch, dim, time), got {_name(x)}")
-    if x.shape[1] != codebooks.shape[2]:
-        raise ValueError(f"x has {x.shape[1]} channels but the codebooks have dim {codebooks.shape[2]}")
-    if x.shape[0] == 0 or x.shape[2] == 0:
-        raise ValueError(f"x is empty: {_name(x)} (batch and time must be >= 1)")
-    if x.device != codebooks.device:
-        raise ValueError(f"x is on {x.device} but the codebooks are on {codebooks.device}")
+    Fq.check_latent(x, codebooks.shape[2], torch.float32, codebooks.device)
     if not x.is_contiguous():
         raise ValueError("x must be contiguous (call .contiguous())")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or Inf: the nearest codeword is undefined")
 
 
 def check_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> None:
+    """The reference's codes check (shape, emptiness, device, range) for int64 codes of exactly every
+    codebook, and contiguity."""
     check_codebooks(codebooks)
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype != torch.long:
         raise TypeError(f"codes must be int64, got {codes.dtype}")
-    if codes.dim() != 3:
-        raise ValueError(f"codes must be (batch, n_q, time), got {_name(codes)}")
+    Fq.check_codes(codes, codebooks.shape[0], codebooks.shape[1], codebooks.device)
     if codes.shape[1] != codebooks.shape[0]:
         raise ValueError(f"codes have {codes.shape[1]} codebooks but {codebooks.shape[0]} were given")
-    if codes.shape[0] == 0 or codes.shape[2] == 0:
-        raise ValueError(f"codes are empty: {_name(codes)}")
-    if codes.device != codebooks.device:
-        raise ValueError(f"codes are on {codes.device} but the codebooks on {codebooks.device}")
     if not codes.is_contiguous():
         raise ValueError("codes must be contiguous (call .contiguous())")
-    lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi >= codebooks.shape[1]:
-        raise ValueError(f"codes out of range: found values in [{lo}, {hi}], allowed [0, {codebooks.shape[1]})")
 
 
 def check_ema(residuals, codes, cluster_size, embed_avg, embed, decay, epsilon) -> None:
