@@ -33,8 +33,8 @@ constexpr int VL = 16;  // floats per 512-bit vector
 // Reduction chunk: each output adds chunk sums of 64 terms (as conv1d_cpu.cpp does) so the float32
 // error of a 4096-term reduction stays near oneDNN's (one running sum: ~3x larger, measured in MKL).
 constexpr int64_t KC = 64;
-// Weights below this many floats (1 MiB) are not worth an OpenMP fork-join (~5-20 us on these machines).
-constexpr int64_t kParallelMinWeights = 1 << 18;
+// Convs below this many multiply-adds (~3 us on one core) are not worth an OpenMP fork-join.
+constexpr int64_t kParallelMinMacs = 1 << 17;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -102,11 +102,21 @@ MicroFn pick(int nv, int fr) {
 
 // out[f*ofs + n] = bias[n] + sum_{r < K} W[r][n] * x[f*xfs + xoff[r]] for f < F, n < N; W packed in
 // panels of nw columns. The sums run in the same order whatever F, the tiling or the thread count.
+//
+// Threads split (panel, frame block) items: the deep layers (1-8 frames, MiBs of weights) split along
+// panels, the shallow ones (one 16-64-column panel, 40-320 frames) along frames, where a single thread
+// used to run 30 of a chunk's 32 convs. Below kParallelMinMacs multiply-adds one thread does it all (an
+// OpenMP fork-join costs a few microseconds).
 void gemm(const float* x, int64_t xfs, const int32_t* xoff, int64_t K, int64_t F, const float* wpack, int64_t N,
           int64_t nw, const float* bias, float* out, int64_t ofs) {
   const int64_t panels = ceil_div(N, nw);
-  auto run = [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
+  const int nv_full = (int)(nw / VL);
+  // frames per item: whole micro-tiles, about 4 of them
+  const int64_t fblk = 4 * kMaxFrames[std::min(nv_full, 4)];
+  const int64_t fblocks = ceil_div(F, fblk);
+  auto run = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = i / fblocks, fa = (i % fblocks) * fblk, fb = std::min(F, fa + fblk);
       const int64_t n0 = p * nw, nn = std::min(nw, N - n0);
       const int nv = (int)ceil_div(nn, VL);
       const int last = (int)(nn - (nv - 1) * VL);
@@ -116,18 +126,19 @@ void gemm(const float* x, int64_t xfs, const int32_t* xoff, int64_t K, int64_t F
       // chunk-major: the chunk's 64 x nw weights stay in L1 across the frame tiles
       for (int64_t r0 = 0; r0 < K; r0 += KC) {
         const int64_t nk = std::min(KC, K - r0);
-        for (int64_t f0 = 0; f0 < F; f0 += frmax) {
-          const int fr = (int)std::min<int64_t>(frmax, F - f0);
+        for (int64_t f0 = fa; f0 < fb; f0 += frmax) {
+          const int fr = (int)std::min<int64_t>(frmax, fb - f0);
           pick(nv, fr)(x + f0 * xfs, xfs, xoff + r0, wp + r0 * nw, nw, nk, bias ? bias + n0 : nullptr,
                        out + f0 * ofs + n0, ofs, mask, r0 == 0);
         }
       }
     }
   };
-  if (at::get_num_threads() > 1 && K * N >= kParallelMinWeights && panels > 1 && !at::in_parallel_region())
-    at::parallel_for(0, panels, 1, run);
+  const int64_t items = panels * fblocks;
+  if (at::get_num_threads() > 1 && items > 1 && F * K * N >= kParallelMinMacs && !at::in_parallel_region())
+    at::parallel_for(0, items, 1, run);
   else
-    run(0, panels);
+    run(0, items);
 }
 
 // Reduction offsets r = tap*C + ci -> tap*dilation*C + ci, in a per-thread table (no allocation once grown).

@@ -10,6 +10,7 @@ relative to PyTorch's own float32 error, ``err32 = max|offline32 - offline64|``;
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import random
@@ -50,6 +51,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -540,6 +551,39 @@ def test_convtr_push_matches_float64(kernels, c_in, c_out, k, s, T, batch):
     bound = _kernel_bound(c_in, F.conv_transpose1d(xe.abs(), w.double().abs(), b.double().abs(), s))
     err = (got - expected).abs()
     assert (err <= bound).all(), f"max err {err.max():.3e}, bound {bound.min():.3e}"
+
+
+@pytest.mark.parametrize("c_in,c_out,k,s,frames", [
+    (32, 16, 3, 1, 320), (64, 128, 8, 4, 40), (256, 512, 16, 8, 1), (16, 32, 1, 1, 321), (128, 64, 3, 1, 7)],
+    ids=lambda v: str(v))
+def test_conv_push_is_bitwise_across_threads_and_splits(kernels, c_in, c_out, k, s, frames):
+    """The threads split a conv along panels or along frames (the shallow layers); each output is summed in
+    one fixed order, so 1 and 2 threads, and frames emitted over several calls, agree bit for bit."""
+    torch.manual_seed(0)
+    w, b = torch.randn(c_out, c_in, k), torch.randn(c_out)
+    total = (frames - 1) * s + k
+    x = torch.randn(1, c_in, total)
+    packed = _panels(kernels, S.pack_conv1d(w).t())
+    assert frames * k * c_in * c_out >= 2 ** 17  # above the kernel's threshold for going parallel
+
+    def run(threads, pieces):
+        buf = torch.zeros(1, total + 1, c_in).transpose(1, 2)
+        out = torch.empty(1, frames, c_out).transpose(1, 2)
+        start, n, done, outs = 0, 0, 0, []
+        bounds = [round(i * total / pieces) for i in range(pieces + 1)]
+        with _threads(threads):
+            for a, e in zip(bounds, bounds[1:]):
+                f = (n + e - a - k) // s + 1 if n + e - a >= k else 0
+                view = out[:, :, done:done + f] if f else None
+                start = kernels.conv_push(buf, x[:, :, a:e], start, n, None, f, k, s, 1, packed, b, view)
+                start, n, done = start + f * s, n + e - a - f * s, done + f
+        assert done == frames
+        return out
+
+    one = run(1, 1)
+    assert torch.equal(run(2, 1), one)
+    assert torch.equal(run(2, 3), one)
+    assert torch.equal(run(1, 3), one)
 
 
 def test_stream_kernels_elu_error(kernels):
