@@ -568,14 +568,69 @@ void check_codebooks(const at::Tensor& cb) {
                     std::numeric_limits<int32_t>::max() - MR, " are supported");
 }
 
-// Few rows (a streamed frame): packing the codebooks costs more than searching them (3.7 ms against the
-// reference's 1.2 ms for one frame at K=8), so encode_few reads the codes in place, 16 at a time through an
-// in-register 16x16 transpose, with search_chunk's arithmetic: fma over d in order, (|r|^2 - 2 dot) + |e|^2,
-// strict <, first index on ties. Serial: the work of a few rows does not pay for waking threads.
+// Few rows (a streamed frame): packing the codebooks per call costs more than searching them (3.7 ms against
+// the reference's 1.2 ms for one frame at K=8), so encode_few reads the codes 16 at a time, either in place
+// through an in-register 16x16 transpose (0.35 ms for one frame at K=8) or, when the caller keeps one, from
+// pack_few's layout with 4 chunks in flight (0.06 ms), with search_chunk's arithmetic: fma over d in order,
+// (|r|^2 - 2 dot) + |e|^2, strict <, first index on ties. Serial: a few rows do not pay for waking threads.
 constexpr int64_t kFewRows = 8;
 
-void encode_few(const float* xp, const float* cb, const float* norms, int64_t B, int64_t D, int64_t T, int64_t K,
-                int64_t bins, int64_t* cp, float* qp, float* rp) {
+// Chunks [ch0, ch0 + G) of 16 codes of one layer in pack_few's layout against NR rows r[n][d]: each code's dot
+// product is one fma chain over d in order (as search_chunk's); G independent chains per row hide the fma
+// latency (one chain ran at ~1/4 of the fma rate). Then per chunk, in code order, the distance
+// (|r|^2 - 2 dot) + |e|^2 and a strict-< update of each row's best.
+template <int NR, int G>
+inline void few_chunks(const float* fewk, int64_t ch0, int64_t D, int64_t bins, const float* nk, const float* r,
+                       const float* rn, VF* best, VI* idx) {
+  VF acc[G][NR];
+  for (int g = 0; g < G; ++g)
+    for (int n = 0; n < NR; ++n) acc[g][n] = vzero();
+  const float* e0 = fewk + ch0 * D * L;
+  for (int64_t d = 0; d < D; ++d) {
+    VF e[G];
+    for (int g = 0; g < G; ++g) e[g] = vload(e0 + (g * D + d) * L);
+    for (int n = 0; n < NR; ++n) {
+      const VF rv = vset1(r[n * D + d]);
+      for (int g = 0; g < G; ++g) acc[g][n] = vfma(e[g], rv, acc[g][n]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t c0 = (ch0 + g) * L;
+    alignas(64) float en[L];
+    alignas(64) int32_t ci[L];
+    for (int l = 0; l < L; ++l) {
+      en[l] = c0 + l < bins ? nk[c0 + l] : std::numeric_limits<float>::infinity();
+      ci[l] = static_cast<int32_t>(c0 + l);
+    }
+    const VF env = vload(en);
+    VI civ;
+#if FC_AVX512
+    civ.v = _mm512_load_si512(ci);
+#else
+    for (int l = 0; l < L; ++l) civ.v[l] = ci[l];
+#endif
+    for (int n = 0; n < NR; ++n)
+      min_update(best[n], idx[n], vadd(vsub(vset1(rn[n]), vadd(acc[g][n], acc[g][n])), env), civ);
+  }
+}
+
+template <int NR>
+void few_layer(const float* fewk, int64_t D, int64_t bins, const float* nk, const float* r, const float* rn, VF* best,
+               VI* idx) {
+  constexpr int G = NR <= 6 ? 4 : 2;  // G * NR accumulators + G codes + 1 broadcast <= 32 registers
+  const int64_t nch = ceil_div(bins, L);
+  int64_t ch = 0;
+  for (; ch + G <= nch; ch += G) few_chunks<NR, G>(fewk, ch, D, bins, nk, r, rn, best, idx);
+  for (; ch < nch; ++ch) few_chunks<NR, 1>(fewk, ch, D, bins, nk, r, rn, best, idx);
+}
+
+using FewLayerFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, const float*, VF*, VI*);
+constexpr FewLayerFn kFewLayer[kFewRows] = {few_layer<1>, few_layer<2>, few_layer<3>, few_layer<4>,
+                                            few_layer<5>, few_layer<6>, few_layer<7>, few_layer<8>};
+
+// few (K, ceil(bins / 16), D, 16): few[k][c / 16][d][c % 16] = codebooks[k][c][d], zeros past bins.
+void encode_few(const float* xp, const float* cb, const float* few, const float* norms, int64_t B, int64_t D,
+                int64_t T, int64_t K, int64_t bins, int64_t* cp, float* qp, float* rp) {
   const int64_t N = B * T;
   std::vector<float> r(N * D), q(qp ? N * D : 0, 0.0f);  // [n][d]
   for (int64_t n = 0; n < N; ++n)
@@ -597,7 +652,8 @@ void encode_few(const float* xp, const float* cb, const float* norms, int64_t B,
       best[n] = vset1(std::numeric_limits<float>::infinity());
       idx[n] = iset1(0);
     }
-    for (int64_t c0 = 0; c0 < bins; c0 += L) {
+    if (few) kFewLayer[N - 1](few + k * ceil_div(bins, L) * D * L, D, bins, nk, r.data(), rn, best, idx);
+    for (int64_t c0 = 0; !few && c0 < bins; c0 += L) {
       const int64_t nc = std::min<int64_t>(L, bins - c0);
       VF acc[kFewRows];
       for (int64_t n = 0; n < N; ++n) acc[n] = vzero();
@@ -655,11 +711,25 @@ void encode_few(const float* xp, const float* cb, const float* norms, int64_t B,
       for (int64_t d = 0; d < D; ++d) qp[((n / T) * D + d) * T + n % T] = q[n * D + d];
 }
 
+// codebooks (K, bins, D) -> (K, ceil(bins / 16), D, 16), the layout encode_few reads without transposing.
+at::Tensor pack_few(const at::Tensor& codebooks) {
+  check_codebooks(codebooks);  // contiguous
+  const at::Tensor& cb = codebooks;
+  const int64_t K = cb.size(0), bins = cb.size(1), D = cb.size(2), nch = ceil_div(bins, L);
+  at::Tensor out = at::zeros({K, nch, D, L}, cb.options());
+  const float* src = cb.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < bins; ++c)
+      for (int64_t d = 0; d < D; ++d) dst[((k * nch + c / L) * D + d) * L + c % L] = src[(k * bins + c) * D + d];
+  return out;
+}
+
 // x: (B, D, T); codebooks: (K, bins, D); code_norms: (K, bins).
 // Returns codes (B, K, T) int64, quantized (B, D, T) (empty unless need_quantized) and the input
 // residual of every layer (K, B, D, T) (empty unless need_residuals).
 std::vector<at::Tensor> encode(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& code_norms,
-                               bool need_quantized, bool need_residuals) {
+                               bool need_quantized, bool need_residuals, const c10::optional<at::Tensor>& few) {
   check_f32(x, "x", 3);
   check_codebooks(codebooks);
   check_f32(code_norms, "code_norms", 2);
@@ -676,7 +746,16 @@ std::vector<at::Tensor> encode(const at::Tensor& x, const at::Tensor& codebooks,
 
   const float* cb = codebooks.data_ptr<float>();
   if (N <= kFewRows) {
-    encode_few(x.data_ptr<float>(), cb, code_norms.data_ptr<float>(), B, D, T, K, bins, codes.data_ptr<int64_t>(),
+    const float* fp = nullptr;
+    if (few.has_value()) {
+      check_f32(*few, "few", 4);
+      TORCH_CHECK_VALUE(few->size(0) == K && few->size(1) == ceil_div(bins, L) && few->size(2) == D &&
+                            few->size(3) == L && few->is_contiguous(),
+                        "few must be pack_few(codebooks), a contiguous (", K, ", ", ceil_div(bins, L), ", ", D, ", ",
+                        L, "), got ", few->sizes());
+      fp = few->data_ptr<float>();
+    }
+    encode_few(x.data_ptr<float>(), cb, fp, code_norms.data_ptr<float>(), B, D, T, K, bins, codes.data_ptr<int64_t>(),
                need_quantized ? quantized.data_ptr<float>() : nullptr,
                need_residuals ? residuals.data_ptr<float>() : nullptr);
     return {codes, quantized, residuals};
@@ -1016,8 +1095,13 @@ bool set_bf16_search(bool on) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcodec fused CPU residual vector quantizer";
-  m.def("encode", &encode, "codes, quantized, residuals = encode(x, codebooks, code_norms, need_quantized, need_residuals)",
-        py::arg("x"), py::arg("codebooks"), py::arg("code_norms"), py::arg("need_quantized"), py::arg("need_residuals"));
+  m.def("encode", &encode,
+        "codes, quantized, residuals = encode(x, codebooks, code_norms, need_quantized, need_residuals, few=None)",
+        py::arg("x"), py::arg("codebooks"), py::arg("code_norms"), py::arg("need_quantized"), py::arg("need_residuals"),
+        py::arg("few") = py::none());
+  m.def("pack_few", &pack_few, "codebooks (K, bins, D) -> (K, ceil(bins / 16), D, 16) for encode's few-rows path",
+        py::arg("codebooks"));
+  m.def("few_rows", []() { return kFewRows; }, "encode uses the few-rows path up to this many rows (B * T)");
   m.def("decode", &decode, "(B, D, T) sum of codewords", py::arg("codes"), py::arg("codebooks"));
   m.def("ema_update", &ema_update, "in-place EMA codebook update of every layer", py::arg("residuals"),
         py::arg("codes"), py::arg("cluster_size"), py::arg("embed_avg"), py::arg("embed"), py::arg("decay"),

@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from . import _backend, ops
+from .ops import rvq_cpp
 from .reference import functional as Fq
 from .reference.quantization import QuantizedResult
 from .reference.quantization import ResidualVectorQuantizer as _ReferenceRVQ
@@ -60,6 +61,7 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         key = tuple((e.data_ptr(), e._version, e.device) for e in embeds)
         if self._cb_cache is None or self._cb_cache[0] != key:
             cb = torch.stack([e.detach() for e in embeds]).contiguous()
+            rvq_cpp.register_immutable_codebooks(cb)  # private, never written: few-row encodes may pack it once
             self._cb_cache = (key, cb, cb.pow(2).sum(-1).contiguous())
         return self._cb_cache[1], self._cb_cache[2]
 

@@ -11,10 +11,11 @@ import torch
 
 import fastcodec.ops  # noqa: F401  (defines the fastcodec:: ops)
 import fastcodec.ops.rvq_cpp as RC
-from fastcodec import _backend
+from fastcodec import ResidualVectorQuantizer, _backend
 from fastcodec._build import load_extension
 from fastcodec.ops import rvq as R
 from fastcodec.reference import functional as Fq
+from fastcodec.reference.quantization import ResidualVectorQuantizer as RefRVQ
 from tests.utils import assert_close, assert_codes_equivalent, max_abs_err
 
 OPS = ("rvq_encode", "rvq_quantize", "rvq_decode", "ema_update", "kmeans")
@@ -142,11 +143,16 @@ def test_bf16_search_gives_the_float32_codes(ext, fp32_search, case):
 
 
 
-@pytest.mark.parametrize("case", ["B1-T1-K8", "B3-T2-K4", "odd-D-bins13", "ties", "non-finite"])
+@pytest.mark.parametrize("case", ["B1-T1-K8", "B3-T2-K4", "odd-D-bins13", "ties", "non-finite", "B1-T7-bins1000",
+                                  "B5-T1-D130-bins40"])
 def test_few_rows_path_matches_the_panel_path(ext, case):
-    # up to 8 rows take encode_few (codes read in place, no packing); rows are independent, so the first
-    # columns of a long input must give bitwise the same outputs through the panel path
-    if case == "B1-T1-K8":
+    # up to 8 rows take encode_few (codes read in place, or from pack_few's copy); rows are independent, so the
+    # first columns of a long input must give bitwise the same outputs through the panel path
+    if case == "B1-T7-bins1000":  # 7 rows: 2 chunks in flight, 63 chunks = 31 pairs + 1 single, last one partial
+        (B, D, Tf, K, bins), x, cb, cn = (1, 48, 7, 3, 1000), *_problem(1, 48, 60, 3, 1000)
+    elif case == "B5-T1-D130-bins40":
+        (B, D, Tf, K, bins), x, cb, cn = (5, 130, 1, 2, 40), *_problem(5, 130, 60, 2, 40)
+    elif case == "B1-T1-K8":
         (B, D, Tf, K, bins), x, cb, cn = (1, 128, 1, 8, 1024), *_problem(1, 128, 60, 8, 1024)
     elif case == "B3-T2-K4":
         (B, D, Tf, K, bins), x, cb, cn = (3, 64, 2, 4, 256), *_problem(3, 64, 60, 4, 256)
@@ -161,11 +167,52 @@ def test_few_rows_path_matches_the_panel_path(ext, case):
         cn = (cb * cb).sum(-1)
         B, D, Tf, K, bins = 1, 32, 4, 2, 64
     few = ext.encode(x[:, :, :Tf].contiguous(), cb, cn, True, True)
+    packed = ext.encode(x[:, :, :Tf].contiguous(), cb, cn, True, True, ext.pack_few(cb))
     full = ext.encode(x, cb, cn, True, True)
-    assert B * Tf <= 8 < B * x.shape[-1]
-    for a, b, name in zip(few, (full[0][..., :Tf], full[1][..., :Tf], full[2][..., :Tf]),
-                          ("codes", "quantized", "residuals")):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{case}: {name}: {m}")
+    assert B * Tf <= ext.few_rows() == 8 < B * x.shape[-1]
+    for path, out in (("in place", few), ("pack_few", packed)):
+        for a, b, name in zip(out, (full[0][..., :Tf], full[1][..., :Tf], full[2][..., :Tf]),
+                              ("codes", "quantized", "residuals")):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m: f"{case}, {path}: {name}: {m}")
+
+
+def test_pack_few_layout_and_checks(ext):
+    x, cb, cn = _problem(1, 5, 3, 2, 20)
+    few = ext.pack_few(cb)
+    assert few.shape == (2, 2, 5, 16)
+    assert torch.equal(few[1, 1, :, :4], cb[1, 16:].t()) and not few[:, 1, :, 4:].any()
+    with pytest.raises(ValueError, match="pack_few"):
+        ext.encode(x, cb, cn, False, False, few[:1].contiguous())
+    with pytest.raises(ValueError, match="pack_few"):
+        ext.encode(x, cb, cn, False, False, few.transpose(2, 3).contiguous())
+    with pytest.raises(TypeError, match="float32"):
+        ext.encode(x, cb, cn, False, False, few.double())
+    with pytest.raises(ValueError, match="contiguous"):
+        ext.pack_few(cb.transpose(0, 1))
+
+
+def test_quantizer_packs_its_own_codebooks_once_and_no_others(ext):
+    # the quantizer's stacked codebooks are private (rebuilt when an embed changes), so a streamed frame reuses
+    # their packed copy; a caller's own tensor is read in place, so an in-place write to it is never stale
+    torch.manual_seed(0)
+    q = ResidualVectorQuantizer(dimension=16, n_q=3, bins=64, kmeans_init=False).eval()
+    x = torch.randn(1, 16, 1)
+    with torch.no_grad():
+        q.encode(x)
+        cb, _ = q._codebooks(3)
+        packed = RC._FEW.get(cb)
+        assert packed is not None and torch.equal(packed, ext.pack_few(cb))
+        q.encode(x)
+        assert RC._FEW.get(cb) is packed
+        q.vq.layers[1]._codebook.embed.mul_(-1.0)  # a new stacked copy, packed again on its first frame
+        assert torch.equal(q.encode(x), RefRVQ.encode(q, x))
+        own, norms = cb.clone(), (cb * cb).sum(-1)
+        first = fastcodec.ops.rvq_encode(x, own, norms)
+        own[1:].mul_(-1.0)
+        after = fastcodec.ops.rvq_encode(x, own, norms)
+        assert torch.equal(after, fastcodec.ops.rvq_encode(x, own.clone(), norms)) and not torch.equal(after, first)
+        assert own not in RC._FEW
 
 def test_bf16_search_switch(ext):
     if ext.bf16_search_available():
@@ -532,6 +579,9 @@ def test_portable_build_matches_avx512(ext):
     for B, D, T, K, bins in ((2, 130, 37, 3, 1000), (3, 7, 37, 4, 17), (1, 64, 300, 2, 256)):
         x, cb, cn = _problem(B, D, T, K, bins)
         for a, b in zip(ext.encode(x, cb, cn, True, True), port.encode(x, cb, cn, True, True)):
+            assert torch.equal(a, b)
+        xf, few = x[:1, :, :5].contiguous(), ext.pack_few(cb)
+        for a, b in zip(ext.encode(xf, cb, cn, True, True, few), port.encode(xf, cb, cn, True, True, few)):
             assert torch.equal(a, b)
         codes = torch.randint(0, bins, (B, K, T))
         assert torch.equal(ext.decode(codes, cb), port.decode(codes, cb))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _backend
 from .._build import load_named
@@ -25,15 +26,37 @@ def extension() -> ModuleType:
 _backend.register_probe("rvq", "cpp", _backend.probe_by_loading(extension))
 
 
+# Codebook tensors that their owner never writes (the quantizer's stacked copy, rebuilt when an embed changes),
+# each with its few-rows layout once a call of <= few_rows() rows needed it (``None`` until then). A tensor not
+# listed here (any other caller's) is read in place: a cached layout could go stale under an in-place write.
+_FEW = WeakIdKeyDictionary()  # by identity: a tensor key must not be compared with ==
+
+
+def register_immutable_codebooks(codebooks: torch.Tensor) -> None:
+    """Let few-row encodes of ``codebooks`` (K, bins, D) reuse a packed copy (4 bytes per weight, built on first
+    use): the streamed frame's search then reads contiguous panels instead of transposing 16x16 tiles."""
+    _FEW[codebooks] = None
+
+
+def _few(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor | None:
+    if x.shape[0] * x.shape[2] > extension().few_rows() or codebooks not in _FEW:
+        return None
+    packed = _FEW[codebooks]
+    if packed is None:
+        packed = _FEW[codebooks] = extension().pack_few(codebooks)
+    return packed
+
+
 @register_impl("rvq_quantize", "cpp")
 def _quantize_cpp(x: torch.Tensor, codebooks: torch.Tensor, code_norms: torch.Tensor, need_residuals: bool):
-    codes, quantized, residuals = extension().encode(x, codebooks, code_norms, True, need_residuals)
+    codes, quantized, residuals = extension().encode(x, codebooks, code_norms, True, need_residuals,
+                                                     _few(x, codebooks))
     return codes, quantized, residuals
 
 
 @register_impl("rvq_encode", "cpp")
 def _encode_cpp(x: torch.Tensor, codebooks: torch.Tensor, code_norms: torch.Tensor) -> torch.Tensor:
-    return extension().encode(x, codebooks, code_norms, False, False)[0]
+    return extension().encode(x, codebooks, code_norms, False, False, _few(x, codebooks))[0]
 
 
 @register_impl("rvq_decode", "cpp")
