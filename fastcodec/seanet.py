@@ -168,17 +168,21 @@ class _ConvTrStep:
         return y[..., self.trim[0]: y.shape[-1] - self.trim[1]]
 
 
-# time samples per tile of a tiled residual block (_ResStep._tiled): 8192 measured best at 32 channels (16.7 ms, 4096: 22.8)
-_RES_TILE = 8192
+# blocks of at least this many samples run fused (csrc resblock); shorter ones as three conv1d calls. The
+# 24 kHz models' shortest block (256 channels, 6000 frames per 10 s) measured 12.5 ms fused vs 14.6 ms.
+_RES_FUSED_MIN = 1024
+# frames per tile of the fused block (csrc resblock); 0: chosen in C++ from the channel count (L2 budget)
+_RES_TILE_FRAMES = 0
 
 
 class _ResStep:
     """SEANetResnetBlock: shortcut(x) + block(x), the add fused into the block's last conv.
 
-    Inference on long CPU signals runs the block tile by tile along time (``_tiled``): at 32-64 channels its
-    k=1 convs are bound by memory traffic (the 24 kHz encoder's first block moved ~180 MB for 1.5 GFLOP,
-    36 ms at 40 GFLOP/s), and per tile the shortcut and hidden activations stay in cache, so only x is read
-    and the output written. Each output sample is computed by the same kernel call arithmetic either way."""
+    Inference on long CPU signals runs the whole block in one C++ call (``_tiled``, csrc ``resblock``): one
+    parallel region over (batch, time tile) items, each thread running conv0 (with the halo and padding), the
+    shortcut and conv1 (+ the add) of its tile with private buffers that stay in its L2. At 32-64 channels the
+    k=1 convs are bound by memory traffic when run layer by layer (the 24 kHz encoder's first block moved
+    ~180 MB for 1.5 GFLOP). Each output sample is the same sum in the same order either way: bitwise equal."""
 
     def __init__(self, block: ref_seanet.SEANetResnetBlock):
         mods = list(block.block)
@@ -193,7 +197,7 @@ class _ResStep:
                          and s0.module.pad_mode in conv_ops._PAD_CODE)
 
     def _can_tile(self, x: torch.Tensor) -> bool:
-        if not self.tileable or torch.compiler.is_compiling() or x.shape[-1] < 2 * _RES_TILE:
+        if not self.tileable or torch.compiler.is_compiling() or x.shape[-1] < _RES_FUSED_MIN:
             return False
         if x.device.type != "cpu" or x.dtype != torch.float32 or _backend.choose("conv", x.device) != "cpp":
             return False
@@ -203,9 +207,8 @@ class _ResStep:
                 return False
         return True
 
-    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        ext = conv_ops._cpu_ext()
-        B, _, T = x.shape
+    def _tiled(self, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """x: (B, C, T) -> (B, C_out, T); ``tile``: frames per tile (default ``_RES_TILE_FRAMES``)."""
         s0, s1, sc = self.steps[0], self.steps[1], self.shortcut
         if s0.module.causal:
             left, right = s0.padding_total, 0
@@ -214,25 +217,11 @@ class _ResStep:
             left = s0.padding_total - right
         w0, w1 = conv_ops._packed_weight(_weight(s0.conv)), conv_ops._packed_weight(_weight(s1.conv))
         wsc = conv_ops._packed_weight(_weight(sc.conv)) if sc else None
-        c_hid, c_out = s0.conv.out_channels, s1.conv.out_channels
-        mode = conv_ops._PAD_CODE[s0.module.pad_mode]
-        n = T // _RES_TILE
-        edges = [i * T // n for i in range(n + 1)]
-        width = max(b - a for a, b in zip(edges, edges[1:]))
-        out = x.new_empty(B, c_out, T)
-        hid = x.new_empty(B, c_hid, width)
-        scb = x.new_empty(B, c_out, width) if sc else None
-        for t0, t1 in zip(edges, edges[1:]):
-            a, b = max(0, t0 - left), min(T, t1 + right)
-            h = hid[..., : t1 - t0]
-            ext.conv1d(x[..., a:b], w0, s0.conv.bias, None, h, c_hid, s0.conv.kernel_size[0], 1, s0.dilation,
-                       left - (t0 - a), right - (b - t1), mode, s0.alpha)
-            if sc is None:
-                skip = x[..., t0:t1]
-            else:
-                skip = scb[..., : t1 - t0]
-                ext.conv1d(x[..., t0:t1], wsc, sc.conv.bias, None, skip, c_out, 1, 1, 1, 0, 0, 0, None)
-            ext.conv1d(h, w1, s1.conv.bias, skip, out[..., t0:t1], c_out, 1, 1, 1, 0, 0, 0, s1.alpha)
+        out = x.new_empty(x.shape[0], s1.conv.out_channels, x.shape[-1])
+        conv_ops._cpu_ext().resblock(
+            x, w0, s0.conv.bias, w1, s1.conv.bias, wsc, sc.conv.bias if sc else None, out, s0.conv.out_channels,
+            s0.conv.kernel_size[0], s0.dilation, left, right, conv_ops._PAD_CODE[s0.module.pad_mode], s0.alpha,
+            s1.alpha, _RES_TILE_FRAMES if tile is None else tile)
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -140,16 +140,191 @@ def test_tiled_residual_blocks_are_bitwise_the_untiled_ones(monkeypatch, name, w
     tiled = []
     real = S._ResStep._tiled
     monkeypatch.setattr(S._ResStep, "_tiled", lambda self, h: tiled.append(h.shape[-1]) or real(self, h))
-    monkeypatch.setattr(S, "_RES_TILE", 37)
+    monkeypatch.setattr(S, "_RES_FUSED_MIN", 74)
     with torch.no_grad():
         y = m(x)
     assert tiled, "no residual block was tiled"
-    monkeypatch.setattr(S, "_RES_TILE", 10 ** 9)
+    monkeypatch.setattr(S, "_RES_FUSED_MIN", 10 ** 9)
     with torch.no_grad():
         y_ref = m(x)
     assert torch.equal(y, y_ref)
     with torch.enable_grad():  # training keeps the autograd path
-        monkeypatch.setattr(S, "_RES_TILE", 37)
+        monkeypatch.setattr(S, "_RES_FUSED_MIN", 74)
         tiled.clear()
         m(x)
         assert not tiled
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused residual block (csrc resblock: one parallel region over time tiles)
+# ---------------------------------------------------------------------------------------------
+
+
+class _threads:
+    """Run a block with torch's intra-op thread count set to n, restored after."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def _res_pair(dim, dilation, causal, pad_mode, true_skip):
+    """A reference SEANetResnetBlock with perturbed weight-norm weights and its fast step."""
+    from fastcodec import seanet as S
+    from fastcodec.reference.seanet import SEANetResnetBlock
+
+    blk = SEANetResnetBlock(dim, dilations=(dilation, 1), norm="weight_norm", causal=causal, pad_mode=pad_mode,
+                            true_skip=true_skip)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return blk, S._ResStep(blk)
+
+
+def _res_plain(step, x):
+    """The block as three separate fastcodec conv1d calls (the untiled arithmetic, written out)."""
+    from fastcodec import seanet as S
+    from fastcodec.ops import conv as conv_ops
+
+    s0, s1, sc = step.steps[0], step.steps[1], step.shortcut
+    right = 0 if s0.module.causal else s0.padding_total // 2
+    h = conv_ops.conv1d(x, S._weight(s0.conv), s0.conv.bias, None, 1, s0.dilation, s0.padding_total - right, right,
+                        s0.module.pad_mode, s0.alpha)
+    skip = x if sc is None else conv_ops.conv1d(x, S._weight(sc.conv), sc.conv.bias)
+    return conv_ops.conv1d(h, S._weight(s1.conv), s1.conv.bias, skip, elu_alpha=s1.alpha)
+
+
+@pytest.mark.parametrize("dim", [32, 64, 20], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("true_skip", [True, False], ids=["identity", "conv-shortcut"])
+@pytest.mark.parametrize("causal, pad_mode", [(True, "reflect"), (False, "reflect"), (True, "constant"),
+                                              (False, "constant")], ids=["causal-reflect", "centred-reflect",
+                                                                         "causal-constant", "centred-constant"])
+def test_fused_resblock_is_bitwise_the_untiled_block(monkeypatch, dim, true_skip, causal, pad_mode):
+    # every output is the same chunked sum over r = ci*kernel + k in the same order, whatever the tile or the
+    # thread: bitwise equal to the untiled step and to three plain conv1d calls. Tiles of 64 frames (one
+    # micro-tile), 37 (not a whole vector: partial vectors and row tails) and the automatic choice.
+    from fastcodec import seanet as S
+
+    ref64_err = []
+    for dilation in (1, 3):
+        blk, step = _res_pair(dim, dilation, causal, pad_mode, true_skip)
+        blk64 = type(blk)(dim, dilations=(dilation, 1), norm="weight_norm", causal=causal, pad_mode=pad_mode,
+                          true_skip=true_skip).double()
+        blk64.load_state_dict(blk.state_dict())
+        for tile in (64, 37, 0):
+            t_unit = tile or 64
+            for B, T in ((1, 2 * t_unit), (3, 2 * t_unit + 1), (1, 5 * t_unit + 13)):
+                x = torch.randn(B, dim, T)
+                for threads in (1, 2):
+                    with torch.no_grad(), _threads(threads):
+                        y = step._tiled(x, tile)
+                        monkeypatch.setattr(S, "_RES_FUSED_MIN", 10 ** 9)
+                        y_untiled = step(x)
+                        y_plain = _res_plain(step, x)
+                    case = f"dilation {dilation} tile {tile} B{B} T{T} threads {threads}"
+                    assert torch.equal(y, y_untiled), f"fused != untiled ({case})"
+                    assert torch.equal(y, y_plain), f"fused != plain conv1d calls ({case})"
+                with torch.no_grad():
+                    expected64 = blk64(x.double())
+                    e_torch = (blk(x).double() - expected64).abs().max().item()
+                    e_fast = (y.double() - expected64).abs().max().item()
+                ref64_err.append((e_fast, e_torch))
+    for e_fast, e_torch in ref64_err:
+        assert e_fast <= FACTOR * e_torch + 1e-7, f"fused error {e_fast:.3e} vs PyTorch float32's {e_torch:.3e}"
+
+
+def test_fused_resblock_strided_inputs():
+    # x sliced from a bigger buffer (channel stride != T) and x with a non-unit time stride (copied inside)
+    _, step = _res_pair(32, 3, False, "reflect", True)
+    big = torch.randn(2, 40, 700)
+    xs = (big[:, 4:36, 50:650], torch.randn(2, 600, 32).transpose(1, 2))
+    for x in xs:
+        with torch.no_grad():
+            assert torch.equal(step._tiled(x, 64), _res_plain(step, x.contiguous()))
+
+
+def test_fused_resblock_writes_every_output():
+    # out prefilled with NaN: every element must be overwritten (odd T, partial last tile, B=3)
+    from fastcodec import seanet as S
+    from fastcodec.ops import conv as conv_ops
+
+    _, step = _res_pair(20, 3, True, "constant", False)
+    s0, s1, sc = step.steps[0], step.steps[1], step.shortcut
+    x = torch.randn(3, 20, 301)
+    out = torch.full((3, 20, 301), float("nan"))
+    pw = lambda conv: conv_ops._packed_weight(S._weight(conv))  # noqa: E731
+    with torch.no_grad():
+        conv_ops._cpu_ext().resblock(x, pw(s0.conv), s0.conv.bias, pw(s1.conv), s1.conv.bias, pw(sc.conv),
+                                     sc.conv.bias, out, 10, 3, 3, 6, 0, 0, 1.0, 1.0, 37)
+        assert torch.equal(out, _res_plain(step, x))
+
+
+def test_fused_resblock_through_the_module(monkeypatch):
+    # the module path picks the fused block for signals of at least _RES_FUSED_MIN samples (lowered here)
+    from fastcodec import seanet as S
+
+    _, step = _res_pair(32, 1, True, "reflect", False)
+    x = torch.randn(1, 32, 1000)
+    calls = []
+    real = S._ResStep._tiled
+    monkeypatch.setattr(S._ResStep, "_tiled", lambda self, h, tile=None: calls.append(1) or real(self, h, tile))
+    monkeypatch.setattr(S, "_RES_FUSED_MIN", 200)
+    with torch.no_grad():
+        y = step(x)
+    assert calls
+    assert torch.equal(y, _res_plain(step, x))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_resblock_real_shape(threads):
+    # the 24 kHz encoder's first block at 10 s (C=32, T=240000, conv shortcut), automatic tiles
+    _, step = _res_pair(32, 1, True, "reflect", False)
+    x = torch.randn(1, 32, 240000)
+    with torch.no_grad(), _threads(threads):
+        assert torch.equal(step._tiled(x), _res_plain(step, x))
+
+
+def _resblock_args(C=32, c_hid=16, T=300, shortcut=True):
+    from fastcodec.ops import conv as conv_ops
+
+    ext = conv_ops._cpu_ext()
+    x = torch.randn(1, C, T)
+    w0 = ext.pack_weight(torch.randn(c_hid, C, 3))
+    w1 = ext.pack_weight(torch.randn(C, c_hid, 1))
+    wsc = ext.pack_weight(torch.randn(C, C, 1)) if shortcut else None
+    args = dict(x=x, w0=w0, b0=torch.randn(c_hid), w1=w1, b1=torch.randn(C), wsc=wsc,
+                bsc=torch.randn(C) if shortcut else None, out=torch.empty(1, C, T), c_hid=c_hid, kernel0=3,
+                dilation0=1, pad_left=2, pad_right=0, pad_mode=1, alpha0=1.0, alpha1=1.0, tile=64)
+    return ext, args
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.update(x=torch.randn(1, 30, 300)), "packed weight 0 has shape"),
+    (lambda a: a.update(c_hid=24), "packed weight 0 has shape"),
+    (lambda a: a.update(w1=a["w1"][:, :8].contiguous()), "packed weight 1 has shape"),
+    (lambda a: a.update(wsc=a["wsc"][:1].contiguous()), "packed shortcut weight has shape"),
+    (lambda a: a.update(wsc=None, bsc=None, out=torch.empty(1, 30, 300), w1=a["w1"][:5].contiguous()),
+     "identity shortcut needs c_out == c_in"),
+    (lambda a: a.update(b1=torch.randn(31)), "bias 1 must be"),
+    (lambda a: a.update(pad_left=3), "sum to"),
+    (lambda a: a.update(out=torch.empty(1, 32, 299)), "out must be a contiguous"),
+    (lambda a: a.update(out=torch.empty(1, 300, 32).transpose(1, 2)), "out must be a contiguous"),
+    (lambda a: a.update(out=a["x"]), "share x's storage"),
+    (lambda a: a.update(x=a["x"].double()), "x must be float32"),
+    (lambda a: a.update(x=torch.randn(1, 32, 0)), "non-empty"),
+    (lambda a: a.update(tile=-1), "tile >= 0"),
+    (lambda a: a.update(pad_mode=7), "bad pad_mode"),
+], ids=["x-channels", "c_hid", "w1-shape", "wsc-shape", "identity-c_out", "bias", "padding", "out-shape",
+        "out-strides", "out-aliases-x", "dtype", "empty", "tile", "pad_mode"])
+def test_fused_resblock_bad_input(change, match):
+    ext, args = _resblock_args()
+    ext.resblock(*args.values())  # the unchanged arguments are valid
+    change(args)
+    with pytest.raises(RuntimeError, match=match):
+        ext.resblock(*args.values())
