@@ -118,6 +118,16 @@ def _info(args) -> int:
         for dev, bs in devs.items():
             for b, status in bs.items():
                 print(f"  {fam:5} {dev:5} {b:10} {'available' if status == 'available' else 'unavailable: ' + status}")
+    # the conv cpp backend also uses the fused LSTM and the streaming steps; each falls back to ATen with a
+    # warning when its extension cannot build: say which and why here (builds what is not cached yet)
+    print("C++ extensions (name: status):")
+    for name in _backend.CPP_EXTENSIONS:
+        try:
+            _build.load_named(name)
+            status = "built"
+        except _build.ExtensionBuildError as e:
+            status = "unavailable: " + " ".join(str(e).split())
+        print(f"  {name:10} {status}")
     return rc
 
 

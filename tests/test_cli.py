@@ -45,6 +45,9 @@ def test_info_lists_versions_and_backends():
     assert ["conv", "cpu", "reference", "available"] in rows
     # a backend that cannot run says why, e.g. triton on CPU tensors outside the interpreter
     assert any(row[:3] == ["rvq", "cuda", "triton"] and row[3] in ("available", "unavailable:") for row in rows)
+    # every C++ extension, the fused LSTM and the streaming steps included, with its status
+    for name in ("rvq_cpu", "conv_cpu", "lstm_cpu", "stream_cpu"):
+        assert any(row[:1] == [name] and row[1] in ("built", "unavailable:") for row in rows), r.stdout
 
 
 def test_bad_option_exits_with_usage_not_traceback():
