@@ -575,10 +575,30 @@ void check_codebooks(const at::Tensor& cb) {
 // (|r|^2 - 2 dot) + |e|^2, strict <, first index on ties. Serial: a few rows do not pay for waking threads.
 constexpr int64_t kFewRows = 8;
 
+// The 16 codes from c0 against `rows` rows whose dot products with them are acc[n]: distance
+// (|r|^2 - 2 dot) + |e|^2 (codes past bins at +inf, never taken) and a strict-< update of each row's best.
+inline void few_update(int64_t c0, int64_t bins, const float* nk, const float* rn, const VF* acc, int64_t rows,
+                       VF* best, VI* idx) {
+  alignas(64) float en[L];
+  alignas(64) int32_t ci[L];
+  for (int l = 0; l < L; ++l) {
+    en[l] = c0 + l < bins ? nk[c0 + l] : std::numeric_limits<float>::infinity();
+    ci[l] = static_cast<int32_t>(c0 + l);
+  }
+  const VF env = vload(en);
+  VI civ;
+#if FC_AVX512
+  civ.v = _mm512_load_si512(ci);
+#else
+  for (int l = 0; l < L; ++l) civ.v[l] = ci[l];
+#endif
+  for (int64_t n = 0; n < rows; ++n)
+    min_update(best[n], idx[n], vadd(vsub(vset1(rn[n]), vadd(acc[n], acc[n])), env), civ);
+}
+
 // Chunks [ch0, ch0 + G) of 16 codes of one layer in pack_few's layout against NR rows r[n][d]: each code's dot
 // product is one fma chain over d in order (as search_chunk's); G independent chains per row hide the fma
-// latency (one chain ran at ~1/4 of the fma rate). Then per chunk, in code order, the distance
-// (|r|^2 - 2 dot) + |e|^2 and a strict-< update of each row's best.
+// latency (one chain ran at ~1/4 of the fma rate). Then few_update per chunk, in code order.
 template <int NR, int G>
 inline void few_chunks(const float* fewk, int64_t ch0, int64_t D, int64_t bins, const float* nk, const float* r,
                        const float* rn, VF* best, VI* idx) {
@@ -594,24 +614,7 @@ inline void few_chunks(const float* fewk, int64_t ch0, int64_t D, int64_t bins, 
       for (int g = 0; g < G; ++g) acc[g][n] = vfma(e[g], rv, acc[g][n]);
     }
   }
-  for (int g = 0; g < G; ++g) {
-    const int64_t c0 = (ch0 + g) * L;
-    alignas(64) float en[L];
-    alignas(64) int32_t ci[L];
-    for (int l = 0; l < L; ++l) {
-      en[l] = c0 + l < bins ? nk[c0 + l] : std::numeric_limits<float>::infinity();
-      ci[l] = static_cast<int32_t>(c0 + l);
-    }
-    const VF env = vload(en);
-    VI civ;
-#if FC_AVX512
-    civ.v = _mm512_load_si512(ci);
-#else
-    for (int l = 0; l < L; ++l) civ.v[l] = ci[l];
-#endif
-    for (int n = 0; n < NR; ++n)
-      min_update(best[n], idx[n], vadd(vsub(vset1(rn[n]), vadd(acc[g][n], acc[g][n])), env), civ);
-  }
+  for (int g = 0; g < G; ++g) few_update((ch0 + g) * L, bins, nk, rn, acc[g], NR, best, idx);
 }
 
 template <int NR>
@@ -670,21 +673,7 @@ void encode_few(const float* xp, const float* cb, const float* few, const float*
           for (int64_t n = 0; n < N; ++n) acc[n] = vfma(e, vset1(r[n * D + d0 + dd]), acc[n]);
         }
       }
-      alignas(64) float en[L];
-      alignas(64) int32_t ci[L];
-      for (int l = 0; l < L; ++l) {
-        en[l] = l < nc ? nk[c0 + l] : std::numeric_limits<float>::infinity();
-        ci[l] = static_cast<int32_t>(c0 + l);
-      }
-      const VF env = vload(en);
-      VI civ;
-#if FC_AVX512
-      civ.v = _mm512_load_si512(ci);
-#else
-      for (int l = 0; l < L; ++l) civ.v[l] = ci[l];
-#endif
-      for (int64_t n = 0; n < N; ++n)
-        min_update(best[n], idx[n], vadd(vsub(vset1(rn[n]), vadd(acc[n], acc[n])), env), civ);
+      few_update(c0, bins, nk, rn, acc, N, best, idx);
     }
     for (int64_t n = 0; n < N; ++n) {
       // lane l holds the first minimum of codes l, l+16, ...: the overall first minimum is the smallest
