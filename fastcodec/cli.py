@@ -3,6 +3,8 @@
     fastcodec info                   versions, CPU/GPU, backends per family and device (and why not), build cache
     fastcodec build [--verbose]      prebuild the C++ extensions; non-zero exit with the reason if one fails
     fastcodec bench [--full] [--only OPS] [--device cpu|cuda] [--threads N] [--json OUT] [--plot OUT.png]
+                                     exit 1 when fastcodec's output disagrees with the oracle or a case cannot
+                                     be built (another provider's mismatch is listed, not a failure)
 
 Errors in the command line or the environment print one clear message and exit non-zero, never a traceback.
 """
@@ -238,6 +240,9 @@ def _bench_run(args) -> int:
     problems = [f"{r.op} {r.shape} {n}: {p.status}" for r in results for n, p in r.providers.items()
                 if p.status in ("MISMATCH", "error")]
     problems += [f"{r.op} {r.shape}: {n}" for r in results for n in r.notes if n.startswith("could not build")]
+    # the exit status is about fastcodec and the harness: another provider's disagreement with the oracle
+    # (onnxruntime's export of time_group_norm, the compiled reference's rounding) is listed, not a failure
+    failed = [f for f in problems if " fastcodec: " in f or ": could not build" in f]
     if args.json is not None:
         doc = {"machine": machine, "suite": suite, "device": str(device), "threads": torch.get_num_threads(),
                "only": only, "timing": timing, "elapsed_s": elapsed, "backends": backends, "fallbacks": fallbacks,
@@ -257,7 +262,7 @@ def _bench_run(args) -> int:
     if problems:
         print("\nproblems (no speed-up is reported for these):\n  " + "\n  ".join(problems))
     progress(f"done in {elapsed:.0f}s")
-    return 1 if problems else 0
+    return 1 if failed else 0
 
 
 def _backends_in_use(device: torch.device) -> tuple[dict[str, str], list[str]]:
