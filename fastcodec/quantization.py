@@ -54,7 +54,8 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
     def _codebooks(self, n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked codebooks (n_q, bins, D) and norms |e|^2 (n_q, bins), rebuilt only when an
         embed buffer changed (tracked by its version counter and storage)."""
-        embeds = [layer._codebook.embed for layer in self.vq.layers[:n_q]]
+        # list() first: slicing the ModuleList builds a new module (20 us of a streamed frame's ~0.2 ms)
+        embeds = [layer._codebook.embed for layer in list(self.vq.layers)[:n_q]]
         if torch.compiler.is_compiling():
             cb = torch.stack([e.detach() for e in embeds])
             return cb, cb.pow(2).sum(-1)
