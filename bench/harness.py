@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+import fastcodec
+
 # row order within a table; a provider absent from a case is not applicable to it (no row)
 PROVIDERS = ("fastcodec", "reference", "audiocraft", "compiled", "onnxruntime")
 EPS32 = 2.0**-23
@@ -270,6 +272,9 @@ def peak_extra_bytes(impl: Impl, device: torch.device) -> int | None:
     """
     if impl.setup is not None:
         impl.setup()
+    # fastcodec's SEANet keeps its layer outputs in a pool between calls (fastcodec/_pool.py): emptied first,
+    # so that the measured call allocates its whole working set again
+    fastcodec.release_pools()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -18,7 +18,7 @@ import typing as tp
 import torch
 from torch import nn
 
-from . import _backend
+from . import _backend, _pool
 from .ops import conv as conv_ops
 from .ops import lstm as lstm_ops
 from .reference import seanet as ref_seanet
@@ -217,7 +217,7 @@ class _ResStep:
             left = s0.padding_total - right
         w0, w1 = conv_ops._packed_weight(_weight(s0.conv)), conv_ops._packed_weight(_weight(s1.conv))
         wsc = conv_ops._packed_weight(_weight(sc.conv)) if sc else None
-        out = x.new_empty(x.shape[0], s1.conv.out_channels, x.shape[-1])
+        out = _pool.empty((x.shape[0], s1.conv.out_channels, x.shape[-1]), x)
         conv_ops._cpu_ext().resblock(
             x, w0, s0.conv.bias, w1, s1.conv.bias, wsc, sc.conv.bias if sc else None, out, s0.conv.out_channels,
             s0.conv.kernel_size[0], s0.dilation, left, right, conv_ops._PAD_CODE[s0.module.pad_mode], s0.alpha,
@@ -297,13 +297,28 @@ class _FastSEANet:
             return False
         return _backend.choose("conv", x.device) == "reference" or x.dtype != torch.float32
 
+    def _activation_pool(self, x: torch.Tensor) -> _pool.ActivationPool | None:
+        """The module's pool of layer outputs (fastcodec/_pool.py) for CPU float32 inference, else None."""
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None
+        if _pool.cap_bytes() == 0:
+            return None
+        pool = self.__dict__.get("_activation_pool_obj")
+        if pool is None:
+            pool = self.__dict__["_activation_pool_obj"] = _pool.ActivationPool()
+        return pool
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_reference(x) if isinstance(x, torch.Tensor) else True:
             return super().forward(x)
         self._check(x)
-        for step in self._fast_plan():
-            x = step(x)
-        return x
+        with _pool.active(self._activation_pool(x)) as pool:
+            for step in self._fast_plan():
+                x = step(x)
+        # the caller's output never lives in the pool (the next call would overwrite it)
+        return x.clone() if pool is not None and pool.owns(x) else x
 
 
 class SEANetEncoder(StreamingMixin, _FastSEANet, ref_seanet.SEANetEncoder):

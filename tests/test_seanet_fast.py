@@ -328,3 +328,99 @@ def test_fused_resblock_bad_input(change, match):
     change(args)
     with pytest.raises(RuntimeError, match=match):
         ext.resblock(*args.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the activation pool (fastcodec/_pool.py): layer outputs reused across layers and calls
+# ---------------------------------------------------------------------------------------------
+
+
+def _pool_of(m):
+    return m.__dict__.get("_activation_pool_obj")
+
+
+@pytest.mark.parametrize("name", ["encodec24k", "encodec48k"])
+@pytest.mark.parametrize("which", ["encoder", "decoder"])
+def test_activation_pool_is_bitwise_the_plain_forward(monkeypatch, name, which):
+    # the pool changes where outputs live, never what is computed; the caller's output is its own
+    torch.manual_seed(0)
+    cls = fastcodec.SEANetEncoder if which == "encoder" else fastcodec.SEANetDecoder
+    m = cls(**CONFIGS[name]).eval()
+    cfg = CONFIGS[name]
+    xs = [torch.randn(2, cfg["channels"], 4001), torch.randn(1, cfg["channels"], 2500)] if which == "encoder" else \
+        [torch.randn(2, cfg["dimension"], 31), torch.randn(1, cfg["dimension"], 20)]
+    monkeypatch.setenv("FASTCODEC_POOL_MB", "0")
+    with torch.no_grad():
+        plain = [m(x) for x in xs]
+    assert _pool_of(m) is None
+    monkeypatch.delenv("FASTCODEC_POOL_MB")
+    with torch.no_grad():
+        first = [m(x) for x in xs]
+        kept = [y.clone() for y in first]
+        again = [m(x) for x in xs + xs]
+    pool = _pool_of(m)
+    assert pool is not None and pool.slots, "no layer output went through the pool"
+    for y, y_plain, y_kept, y2, y3 in zip(first, plain, kept, again[:2], again[2:]):
+        assert torch.equal(y, y_plain) and torch.equal(y2, y_plain) and torch.equal(y3, y_plain)
+        assert torch.equal(y, y_kept), "a later call overwrote an earlier output"
+        assert not pool.owns(y) and not pool.owns(y2)
+    held = pool.nbytes()
+    with torch.inference_mode():
+        m(xs[0])
+    assert pool.nbytes() == held, "the pool grew on a repeated shape"
+
+
+def test_activation_pool_hands_out_only_free_buffers(monkeypatch):
+    from fastcodec import _pool
+
+    pool = _pool.ActivationPool()
+    a = pool.empty((2, 3, 100))
+    b = pool.empty((2, 3, 100))
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    view = a[:, 1:, 10:].transpose(1, 2)  # a view of a view keeps the buffer in use
+    ptr_a = a.untyped_storage().data_ptr()
+    del a
+    c = pool.empty((600,))
+    assert c.untyped_storage().data_ptr() not in (ptr_a, b.untyped_storage().data_ptr())
+    del view
+    d = pool.empty((5, 100))  # the smallest free buffer that fits: a's, now unviewed
+    assert d.untyped_storage().data_ptr() == ptr_a and pool.nbytes() == 3 * 600 * 4
+    monkeypatch.setenv("FASTCODEC_POOL_MB", "0.008")  # 8.2 KiB: the 3 busy 2.4 KB buffers leave no room for a 4th
+    e = pool.empty((600,))
+    assert not pool.owns(e) and pool.nbytes() == 3 * 600 * 4
+    del b, c, d
+    fastcodec.release_pools()
+    assert pool.nbytes() == 0
+    for bad in ("-1", "lots", "nan", "inf"):
+        monkeypatch.setenv("FASTCODEC_POOL_MB", bad)
+        with pytest.raises(ValueError, match="FASTCODEC_POOL_MB"):
+            pool.empty((4,))
+
+
+def test_activation_pool_off_for_autograd_and_shared_safely_between_threads():
+    import threading
+
+    torch.manual_seed(0)
+    m = fastcodec.SEANetEncoder(**CONFIGS["encodec24k"])
+    x = torch.randn(1, 1, 3000)
+    y = m(x)  # parameters require grad: the autograd path, no pool
+    assert y.requires_grad and _pool_of(m) is None
+    m.eval()
+    with torch.no_grad():
+        expected = m(x)
+        results, errors = [], []
+
+        def work():
+            try:
+                with _threads(1):
+                    results.extend(m(x) for _ in range(3))
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+
+        workers = [threading.Thread(target=work) for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert not errors and len(results) == 6
+    assert all(torch.equal(r, expected) for r in results)

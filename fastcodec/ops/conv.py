@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _build
+from .. import _backend, _build, _pool
 from ..reference.conv import pad1d
 
 PAD_MODES = ("constant", "reflect")
@@ -280,7 +280,7 @@ _backend.register_probe("conv", "cpp", _backend.probe_by_loading(_cpu_ext))
 def _conv1d_cpp(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha):
     c_out, _, k = weight.shape
     t_out = conv1d_output_length(x.shape[2], k, stride, dilation, pad_left, pad_right)
-    out = torch.empty((x.shape[0], c_out, t_out), dtype=x.dtype, device=x.device)  # every element is written
+    out = _pool.empty((x.shape[0], c_out, t_out), x)  # every element is written
     _cpu_ext().conv1d(x, _packed_weight(weight), bias, skip, out, c_out, k, stride, dilation, pad_left, pad_right,
                       _PAD_CODE[pad_mode], elu_alpha)
     return out
@@ -555,7 +555,7 @@ IMPLS_T: dict[str, Callable] = {"reference": conv_transpose1d_reference}
 def _conv_transpose1d_cpp(x, weight, bias, stride, trim_left, trim_right, elu_alpha):
     c_out, k = weight.shape[1], weight.shape[2]
     length = conv_transpose1d_output_length(x.shape[2], k, stride, trim_left, trim_right)
-    out = torch.empty((x.shape[0], c_out, length), dtype=x.dtype, device=x.device)  # every element is written
+    out = _pool.empty((x.shape[0], c_out, length), x)  # every element is written
     _cpu_ext().conv_transpose1d(x, _packed_weight_transposed(weight, stride), bias, out, c_out, k, stride, trim_left,
                                 elu_alpha)
     return out
