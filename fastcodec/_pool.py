@@ -70,7 +70,8 @@ class ActivationPool:
         for slot in sorted(free, key=lambda s: s[0].numel()):  # make room: drop the free buffers, small first
             if self.nbytes() + 4 * n <= cap:
                 break
-            self.slots.remove(slot)
+            # by identity: list.remove would compare the tensors with == (elementwise)
+            self.slots = [s for s in self.slots if s is not slot]
         if self.nbytes() + 4 * n > cap:
             return torch.empty(shape, dtype=torch.float32)
         with torch.inference_mode(False):  # a normal tensor: its views are usable outside inference mode too

@@ -391,6 +391,12 @@ def test_activation_pool_hands_out_only_free_buffers(monkeypatch):
     del b, c, d
     fastcodec.release_pools()
     assert pool.nbytes() == 0
+    # over the cap, free buffers are dropped (smallest first) to make room, whatever their place in the list
+    monkeypatch.setenv("FASTCODEC_POOL_MB", str(700 * 4 / 2**20))
+    keep, small, mid = pool.empty((100,)), pool.empty((50,)), pool.empty((200,))
+    del small, mid
+    big = pool.empty((600,))
+    assert pool.owns(big) and pool.owns(keep) and pool.nbytes() == 700 * 4
     for bad in ("-1", "lots", "nan", "inf"):
         monkeypatch.setenv("FASTCODEC_POOL_MB", bad)
         with pytest.raises(ValueError, match="FASTCODEC_POOL_MB"):
