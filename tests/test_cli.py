@@ -141,20 +141,25 @@ def _oracle_class(kind: str):
     return cls if not isinstance(cls, str) else bc.load_class(kind, "audiocraft")
 
 
-def test_wrong_fast_module_is_a_mismatch_without_speedup(monkeypatch, tmp_path, capsys):
-    base = _oracle_class("rvq")
+def _bench_with_wrong_rvq(monkeypatch, tmp_path, capsys, provider: str, base: type):
+    """The smoke rvq_encode bench with ``provider``'s quantizer replaced by one whose codes are off by one:
+    -> (exit status, the case's JSON result, stdout)."""
 
     class WrongRVQ(base):
         def encode(self, x):
             return (super().encode(x) + 1) % self.bins
 
     name = _standin_module(monkeypatch, WrongRVQ=WrongRVQ)
-    monkeypatch.setitem(bc.SOURCES["rvq"], "fastcodec", (name, "WrongRVQ"))
+    monkeypatch.setitem(bc.SOURCES["rvq"], provider, (name, "WrongRVQ"))
     out = tmp_path / "bench.json"
     rc = cli.main(["bench", "--smoke", "--only", "rvq_encode", "--threads", "1", "--quiet", "--json", str(out)])
-    stdout = capsys.readouterr().out
-    assert rc == 1
     (res,) = json.loads(out.read_text())["results"]
+    return rc, res, capsys.readouterr().out
+
+
+def test_wrong_fast_module_is_a_mismatch_without_speedup(monkeypatch, tmp_path, capsys):
+    rc, res, stdout = _bench_with_wrong_rvq(monkeypatch, tmp_path, capsys, "fastcodec", _oracle_class("rvq"))
+    assert rc == 1
     fast = res["providers"]["fastcodec"]
     assert fast["status"] == "MISMATCH" and "not near-ties" in fast["check"]
     assert res["speedup"] == {}
@@ -165,17 +170,7 @@ def test_another_providers_mismatch_is_listed_but_not_a_failure(monkeypatch, tmp
     # e.g. onnxruntime's export of the 48 kHz model: listed under problems, no ratio, exit status 0
     base = bc.load_class("rvq", "audiocraft")
     assert not isinstance(base, str), base  # the test set-up installs audiocraft (--no-deps)
-
-    class WrongRVQ(base):
-        def encode(self, x):
-            return (super().encode(x) + 1) % self.bins
-
-    name = _standin_module(monkeypatch, WrongRVQ=WrongRVQ)
-    monkeypatch.setitem(bc.SOURCES["rvq"], "audiocraft", (name, "WrongRVQ"))
-    out = tmp_path / "bench.json"
-    rc = cli.main(["bench", "--smoke", "--only", "rvq_encode", "--threads", "1", "--quiet", "--json", str(out)])
-    stdout = capsys.readouterr().out
-    (res,) = json.loads(out.read_text())["results"]
+    rc, res, stdout = _bench_with_wrong_rvq(monkeypatch, tmp_path, capsys, "audiocraft", base)
     assert res["providers"]["audiocraft"]["status"] == "MISMATCH" and res["providers"]["fastcodec"]["status"] == "ok"
     assert "audiocraft" not in res["speedup"]
     assert "problems" in stdout and "audiocraft: MISMATCH" in stdout
