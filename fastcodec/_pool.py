@@ -41,6 +41,12 @@ def cap_bytes() -> int:
     return int(mb * (1 << 20))
 
 
+def supported() -> bool:
+    """Whether this torch exposes a storage's use count (a private API, present since torch 2.0): without it
+    no buffer could be proven free, so the forward allocates plainly."""
+    return hasattr(torch._C, "_storage_Use_Count")
+
+
 def _use_count(buf: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
 

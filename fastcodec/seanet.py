@@ -303,7 +303,7 @@ class _FastSEANet:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
-        if _pool.cap_bytes() == 0:
+        if _pool.cap_bytes() == 0 or not _pool.supported():
             return None
         pool = self.__dict__.get("_activation_pool_obj")
         if pool is None:

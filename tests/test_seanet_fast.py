@@ -354,6 +354,9 @@ def test_activation_pool_is_bitwise_the_plain_forward(monkeypatch, name, which):
         plain = [m(x) for x in xs]
     assert _pool_of(m) is None
     monkeypatch.delenv("FASTCODEC_POOL_MB")
+    with monkeypatch.context() as mp, torch.no_grad():
+        mp.delattr(torch._C, "_storage_Use_Count")  # a torch without the use count: plain allocations
+        assert all(torch.equal(m(x), y) for x, y in zip(xs, plain)) and _pool_of(m) is None
     with torch.no_grad():
         first = [m(x) for x in xs]
         kept = [y.clone() for y in first]
