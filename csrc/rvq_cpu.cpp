@@ -26,34 +26,20 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define FC_AVX512 1
-#else
-#define FC_AVX512 0
-#endif
+#include "vf16.h"
 
 namespace {
 
-constexpr int L = 16;        // floats per vector
+using namespace fc_vf;       // VF and its operations; L = 16 floats per vector
 constexpr int MR = 8;        // codes per micro-kernel chunk
 constexpr int NR = 3;        // row vectors per panel: 24 accumulators; 8x3, 6x4, 12x2 all ran at 96-102 GFLOP/s
                              // on one Zen 4 core (oneDNN 99-101), 14x2 spills registers (69)
 constexpr int RB = L * NR;   // rows per panel
 constexpr int64_t kTileBytes = 128 * 1024;  // residual tile per thread: stays in the 2 MiB L2 next to a codebook
 
-// 16-lane float / int32 vectors: AVX-512 or a portable array with the same arithmetic (fma included),
-// so both builds give bit-identical results.
+// 16-lane int32 vectors beside vf16.h's floats, and the strict-< best update of the searches.
 #if FC_AVX512
-struct VF { __m512 v; };
 struct VI { __m512i v; };
-inline VF vload(const float* p) { return {_mm512_loadu_ps(p)}; }
-inline void vstore(float* p, VF a) { _mm512_storeu_ps(p, a.v); }
-inline VF vset1(float x) { return {_mm512_set1_ps(x)}; }
-inline VF vzero() { return {_mm512_setzero_ps()}; }
-inline VF vfma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline VF vadd(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
-inline VF vsub(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline VI iset1(int32_t x) { return {_mm512_set1_epi32(x)}; }
 inline void istore(int32_t* p, VI a) { _mm512_storeu_si512(p, a.v); }
 // best/idx take dist/c where dist < best (ordered compare: NaN never wins)
@@ -63,15 +49,7 @@ inline void min_update(VF& best, VI& idx, VF dist, VI c) {
   idx.v = _mm512_mask_blend_epi32(m, idx.v, c.v);
 }
 #else
-struct VF { float v[L]; };
 struct VI { int32_t v[L]; };
-inline VF vload(const float* p) { VF r; for (int l = 0; l < L; ++l) r.v[l] = p[l]; return r; }
-inline void vstore(float* p, VF a) { for (int l = 0; l < L; ++l) p[l] = a.v[l]; }
-inline VF vset1(float x) { VF r; for (int l = 0; l < L; ++l) r.v[l] = x; return r; }
-inline VF vzero() { return vset1(0.0f); }
-inline VF vfma(VF a, VF b, VF c) { VF r; for (int l = 0; l < L; ++l) r.v[l] = std::fma(a.v[l], b.v[l], c.v[l]); return r; }
-inline VF vadd(VF a, VF b) { VF r; for (int l = 0; l < L; ++l) r.v[l] = a.v[l] + b.v[l]; return r; }
-inline VF vsub(VF a, VF b) { VF r; for (int l = 0; l < L; ++l) r.v[l] = a.v[l] - b.v[l]; return r; }
 inline VI iset1(int32_t x) { VI r; for (int l = 0; l < L; ++l) r.v[l] = x; return r; }
 inline void istore(int32_t* p, VI a) { for (int l = 0; l < L; ++l) p[l] = a.v[l]; }
 inline void min_update(VF& best, VI& idx, VF dist, VI c) {
