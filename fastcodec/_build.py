@@ -2,18 +2,24 @@
 
 Extensions are built on first use (never at import) with ninja through
 ``torch.utils.cpp_extension.load`` into a directory keyed by the fastcodec version, the torch
-version, the Python version and a hash of the sources and flags, so a changed source or a new
-torch never picks up a stale binary. An ``fcntl`` lock around the build keeps parallel processes
-(pytest-xdist, several jobs) from corrupting it; unlike torch's own lock file, it is released by
-the kernel if a builder dies.
+version, the Python version, the toolchain paths ninja sees and a hash of the sources' content and
+flags, so a changed source or a new torch never picks up a stale binary. The sources and headers
+are copied into that directory and compiled from there, so every checkout with the same sources
+hands ninja identical paths and reuses one build. An ``fcntl`` lock around the build keeps
+parallel processes (pytest-xdist, several jobs) from corrupting it; unlike torch's own ``lock``
+baton it is released by the kernel if a builder dies, and holding it proves any leftover baton
+stale, so a build killed with SIGKILL never makes later processes wait forever.
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
+import subprocess
 import sys
+import sysconfig
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -31,6 +37,11 @@ _mutex = threading.Lock()
 
 DEFAULT_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-march=native", "-ffp-contract=off"]
 DEFAULT_LDFLAGS = ["-fopenmp"]
+HEADER_GLOBS = ("*.h", "*.hpp", "*.cuh")
+# bump when the build directory's layout changes, so old and new layouts never share a directory
+_LAYOUT = "src-copy-1"
+# how long to wait for a compiler orphaned by a killed builder before giving up with a clear error
+ORPHAN_WAIT_S = 600.0
 
 
 class ExtensionBuildError(RuntimeError):
@@ -54,18 +65,116 @@ def _cpu_signature() -> str:
         return ""
 
 
-def _build_dir(name: str, sources: list[Path], cflags: list[str], ldflags: list[str]) -> Path:
-    h = hashlib.sha256()
-    for p in sorted(sources):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    for hdr in sorted(CSRC.glob("*.h")):
-        h.update(hdr.name.encode())
-        h.update(hdr.read_bytes())
-    h.update(" ".join(cflags + ldflags).encode())
+def _toolchain_signature() -> str:
+    from torch.utils import cpp_extension
+
+    # these paths go into build.ninja: two torch installs sharing one directory would recompile each other
+    parts = cpp_extension.include_paths() + cpp_extension.library_paths()
+    parts += [sysconfig.get_path("include") or "", cpp_extension.get_cxx_compiler()]
+    return "\n".join(parts)
+
+
+def _read_inputs(csrc: Path, sources: list[str]) -> dict[str, bytes]:
+    """``{path relative to csrc: content}`` of the sources and every header next to them."""
+    files: dict[str, bytes] = {}
+    for s in sources:
+        if Path(s).is_absolute() or ".." in Path(s).parts:
+            raise ValueError(f"source {s!r} must be a path inside {csrc}")
+        files[s] = (csrc / s).read_bytes()
+    for pattern in HEADER_GLOBS:
+        for hdr in csrc.glob(pattern):
+            files.setdefault(hdr.name, hdr.read_bytes())
+    return files
+
+
+def _build_dir(name: str, files: dict[str, bytes], cflags: list[str], ldflags: list[str]) -> Path:
+    h = hashlib.sha256(_LAYOUT.encode())
+    for rel in sorted(files):
+        h.update(b"\0%s\0%d\0" % (rel.encode(), len(files[rel])))
+        h.update(files[rel])
+    h.update("\0".join(cflags + ["--"] + ldflags).encode())
     h.update(_cpu_signature().encode())  # -march=native: a binary built on one CPU may not run on another
+    h.update(_toolchain_signature().encode())
     tag = f"fastcodec{__version__}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
     return cache_root() / tag / f"{name}-{h.hexdigest()[:16]}"
+
+
+def _stage_sources(srcdir: Path, files: dict[str, bytes]) -> None:
+    """Copy the inputs into the build directory; call under the build lock."""
+    for rel, data in files.items():
+        dst = srcdir / rel
+        try:
+            if dst.read_bytes() == data:
+                continue  # untouched, so its mtime does not make ninja recompile
+        except OSError:
+            pass
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dst)  # atomic: a builder killed mid-copy never leaves a truncated source
+
+
+def _processes_in(bdir: Path) -> list[int]:
+    """Pids (not ours) whose working directory is ``bdir``: ninja and the compilers it runs."""
+    target = os.path.realpath(bdir)
+    pids = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd") == target:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _clear_stale_baton(bdir: Path) -> None:
+    """Remove torch's ``lock`` baton left by a killed builder; call under the build lock."""
+    baton = bdir / "lock"
+    if not baton.exists():
+        return
+    # every fastcodec builder takes our flock before torch's baton, so holding the flock proves it stale
+    orphans = _processes_in(bdir)
+    if orphans:
+        print(f"fastcodec: waiting for the compiler left running by a killed build in {bdir} "
+              f"(pids {orphans})", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        while orphans:
+            if time.monotonic() > deadline:
+                raise ExtensionBuildError(
+                    f"fastcodec: processes {orphans} left by a killed build still run in {bdir} after "
+                    f"{ORPHAN_WAIT_S:.0f} s. Fix: end them (kill {' '.join(map(str, orphans))}) or remove {bdir}."
+                )
+            time.sleep(0.2)
+            orphans = _processes_in(bdir)
+    baton.unlink(missing_ok=True)
+    print(f"fastcodec: removed the stale build lock {baton} left by a killed build", file=sys.stderr, flush=True)
+
+
+def _needs_compile(bdir: Path, module: str) -> bool:
+    """Whether loading will compile: the library is missing or ninja has work to do."""
+    from torch.utils import cpp_extension
+
+    if not (bdir / f"{module}{cpp_extension.LIB_EXT}").is_file() or not (bdir / "build.ninja").is_file():
+        return True
+    try:
+        r = subprocess.run(["ninja", "-n", "-C", str(bdir)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return True  # torch will fail to build without ninja and say so
+    return r.returncode != 0 or "no work to do" not in r.stdout
+
+
+def _lock_exclusive(lock, name: str, bdir: Path) -> None:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"fastcodec: waiting for another process building the C++ extension {name!r} in {bdir}",
+              file=sys.stderr, flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
 
 
 def load_extension(
@@ -74,45 +183,62 @@ def load_extension(
     extra_cflags: list[str] | None = None,
     extra_ldflags: list[str] | None = None,
     verbose: bool | None = None,
+    *,
+    prebuild: bool = False,
 ) -> ModuleType:
     """Build (once, cached on disk) and import the C++ extension ``name`` made of ``csrc/<sources>``.
 
     Raises ``ExtensionBuildError`` with the compiler's reason and the fix when the build fails.
     A failure is remembered for the life of the process, so callers can probe cheaply.
+    ``prebuild`` only changes the wording of the one-line notice printed before a compile.
     """
     with _mutex:
         if name in _loaded:
             return _loaded[name]
         if name in _failed:
             raise ExtensionBuildError(_failed[name])
-        paths = [CSRC / s for s in sources]
-        missing = [str(p) for p in paths if not p.is_file()]
+        csrc = CSRC
+        missing = [str(csrc / s) for s in sources if not (csrc / s).is_file()]
         if missing:
             _failed[name] = f"fastcodec extension {name!r}: source files missing: {missing}"
             raise ExtensionBuildError(_failed[name])
         cflags = DEFAULT_CFLAGS + list(extra_cflags or [])
         ldflags = DEFAULT_LDFLAGS + list(extra_ldflags or [])
-        bdir = _build_dir(name, paths, cflags, ldflags)
-        bdir.mkdir(parents=True, exist_ok=True)
+        bdir = Path()
         if verbose is None:
             verbose = os.environ.get("FASTCODEC_VERBOSE_BUILD", "") == "1"
         try:
             from torch.utils import cpp_extension
 
+            files = _read_inputs(csrc, sources)
+            bdir = _build_dir(name, files, cflags, ldflags)
+            srcdir = bdir / "src"
+            bdir.mkdir(parents=True, exist_ok=True)
+            module = f"fastcodec_{name}"
             with open(bdir / ".fastcodec-build.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                _lock_exclusive(lock, name, bdir)
                 try:
+                    _clear_stale_baton(bdir)
+                    _stage_sources(srcdir, files)
+                    if _needs_compile(bdir, module):
+                        when = "`fastcodec build`" if prebuild else "first use"
+                        hint = "" if prebuild else "; `fastcodec build` prebuilds"
+                        print(f"fastcodec: building the C++ extension {name!r} ({when}, about a minute, longer "
+                              f"on a busy machine; cached in {bdir}{hint})", file=sys.stderr, flush=True)
                     mod = cpp_extension.load(
-                        name=f"fastcodec_{name}",
-                        sources=[str(p) for p in paths],
+                        name=module,
+                        sources=[str(srcdir / s) for s in sources],
                         extra_cflags=cflags,
                         extra_ldflags=ldflags,
-                        extra_include_paths=[str(CSRC)],
+                        extra_include_paths=[str(srcdir)],
                         build_directory=str(bdir),
                         verbose=verbose,
                     )
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
+        except ExtensionBuildError as e:  # already says what to do
+            _failed[name] = str(e)
+            raise
         except Exception as e:  # compiler errors, missing ninja/compiler, ABI mismatch on import
             msg = (
                 f"fastcodec could not build its C++ extension {name!r} in {bdir}: "
@@ -127,12 +253,12 @@ def load_extension(
         return mod
 
 
-def load_named(name: str, verbose: bool | None = None) -> ModuleType:
+def load_named(name: str, verbose: bool | None = None, *, prebuild: bool = False) -> ModuleType:
     """Build (once) and import the extension ``name`` listed in ``_backend.CPP_EXTENSIONS``."""
     from . import _backend
 
     sources, cflags = _backend.CPP_EXTENSIONS[name]
-    return load_extension(name, sources, cflags, verbose=verbose)
+    return load_extension(name, sources, cflags, verbose=verbose, prebuild=prebuild)
 
 
 def build_all(verbose: bool = False) -> dict[str, str]:
@@ -142,7 +268,7 @@ def build_all(verbose: bool = False) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in _backend.CPP_EXTENSIONS:
         try:
-            load_named(name, verbose=verbose)
+            load_named(name, verbose=verbose, prebuild=True)
             out[name] = "ok"
         except ExtensionBuildError as e:
             out[name] = str(e)
