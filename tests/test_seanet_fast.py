@@ -1,8 +1,9 @@
 """``fastcodec.SEANetEncoder`` / ``SEANetDecoder`` (fused conv ops) against the reference.
 
 Tolerance, per case: the fast float32 output may be at most ``FACTOR`` times as far from the float64
-reference as PyTorch's own float32 output is (plus 1e-7 of slack for outputs PyTorch gets exact).
-Measured: fast/PyTorch error ratio 0.6-1.5 on the 24 kHz, 48 kHz and MusicGen configs.
+reference as PyTorch's own float32 output is, or as u = 2^-24 times the largest output where PyTorch
+happens to be exact (a float32 result is at best within half an ulp). Measured: fast/PyTorch error
+ratio 0.6-1.5 on the 24 kHz, 48 kHz and MusicGen configs. Gradients likewise, against float64 autograd.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import torch
 import fastcodec
 from fastcodec.reference.seanet import SEANetDecoder as RefDecoder
 from fastcodec.reference.seanet import SEANetEncoder as RefEncoder
+from tests.utils import max_abs_err
 
 FACTOR = 4.0
+U = 2.0 ** -24
 
 CONFIGS = {
     "encodec24k": dict(channels=1, dimension=128, n_filters=32, n_residual_layers=1, ratios=[8, 5, 4, 2],
@@ -45,14 +48,20 @@ def _pair(cls_ref, cls_fast, cfg, **extra):
     return ref, fast, ref64
 
 
+def _assert_err(name, fast, torch32, ref64):
+    """fast (float32) within FACTOR x max(PyTorch float32's error, u x the largest value) of ref64."""
+    e_fast, e_torch = max_abs_err(fast, ref64), max_abs_err(torch32, ref64)
+    scale = ref64.detach().abs().max().item()
+    assert e_fast <= FACTOR * max(e_torch, U * scale), \
+        f"{name}: fast error {e_fast:.3e} vs PyTorch float32's {e_torch:.3e} (u x {scale:.3g})"
+
+
 def _check(ref, fast, ref64, x):
     with torch.no_grad():
         expected64 = ref64(x.double())
-        e_torch = (ref(x).double() - expected64).abs().max().item()
         y = fast(x)
-        e_fast = (y.double() - expected64).abs().max().item()
-    assert y.shape == expected64.shape
-    assert e_fast <= FACTOR * e_torch + 1e-7, f"fast error {e_fast:.3e} vs PyTorch float32's {e_torch:.3e}"
+        assert y.shape == expected64.shape
+        _assert_err("output", y, ref(x), expected64)
     return y
 
 
@@ -79,18 +88,23 @@ def test_decoder_matches_reference(name, frames):
 def test_gradients_match_reference(which):
     cfg = CONFIGS["encodec24k"]
     cls_ref, cls_fast = (RefEncoder, fastcodec.SEANetEncoder) if which == "encoder" else (RefDecoder, fastcodec.SEANetDecoder)
-    ref, fast, _ = _pair(cls_ref, cls_fast, cfg)
+    ref, fast, ref64 = _pair(cls_ref, cls_fast, cfg)
     x = torch.randn(1, 1, 3000) if which == "encoder" else torch.randn(1, 128, 9)
-    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref(xr).square().mean().backward()
-    fast(xf).square().mean().backward()
-    # the backward runs in ATen for both, on float32 forwards that differ by ~1e-7: measured max abs
-    # input-grad error 2e-13 on values up to 2e-7 (encoder), weight grads within 1e-6 relative
-    scale = xr.grad.abs().max().item()
-    assert (xf.grad - xr.grad).abs().max().item() <= 1e-4 * scale
-    for (n, pr), pf in zip(ref.named_parameters(), fast.parameters()):
-        s = pr.grad.abs().max().item() + 1e-12
-        assert (pf.grad - pr.grad).abs().max().item() <= 1e-3 * s, n
+    xr, xf, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
+    for m, xi in ((ref, xr), (fast, xf), (ref64, x64)):
+        m(xi).square().mean().backward()
+    # the backward runs in ATen for both, on float32 forwards that differ by rounding
+    _assert_err("input grad", xf.grad, xr.grad, x64.grad)
+    # parameters: the largest error over all of them, each relative to its largest float64 gradient,
+    # against PyTorch's own. Pooled, because one tensor of a few elements (the last conv's weight_g) gives
+    # a noisy ratio: measured pooled ratio 0.5-1.6 over 22 seeds, per tensor up to 5.4
+    rel = {"fast": [], "torch": []}
+    for (n, pr), pf, p64 in zip(ref.named_parameters(), fast.parameters(), ref64.parameters()):
+        s = p64.grad.abs().max().item()
+        rel["fast"].append((max_abs_err(pf.grad, p64.grad) / s, n))
+        rel["torch"].append((max_abs_err(pr.grad, p64.grad) / s, n))
+    (e_fast, n_fast), (e_torch, _) = max(rel["fast"]), max(rel["torch"])
+    assert e_fast <= FACTOR * max(e_torch, U), f"grad {n_fast}: relative error {e_fast:.3e} vs PyTorch's {e_torch:.3e}"
 
 
 def test_torch_compile_fullgraph():
@@ -99,7 +113,7 @@ def test_torch_compile_fullgraph():
     x = torch.randn(1, 1, 2000)
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        assert torch.allclose(compiled(x), fast(x), atol=1e-6)
+        assert torch.equal(compiled(x), fast(x))  # the same ops on the same inputs
 
 
 def test_forced_reference_backend(monkeypatch):
@@ -234,9 +248,10 @@ def test_fused_resblock_is_bitwise_the_untiled_block(monkeypatch, dim, true_skip
                     expected64 = blk64(x.double())
                     e_torch = (blk(x).double() - expected64).abs().max().item()
                     e_fast = (y.double() - expected64).abs().max().item()
-                ref64_err.append((e_fast, e_torch))
-    for e_fast, e_torch in ref64_err:
-        assert e_fast <= FACTOR * e_torch + 1e-7, f"fused error {e_fast:.3e} vs PyTorch float32's {e_torch:.3e}"
+                ref64_err.append((e_fast, e_torch, expected64.abs().max().item()))
+    for e_fast, e_torch, scale in ref64_err:
+        assert e_fast <= FACTOR * max(e_torch, U * scale), \
+            f"fused error {e_fast:.3e} vs PyTorch float32's {e_torch:.3e} (u x {scale:.3g})"
 
 
 def test_fused_resblock_strided_inputs():
