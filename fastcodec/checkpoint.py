@@ -121,7 +121,7 @@ def load_checkpoint(model: nn.Module, source: tp.Union[str, os.PathLike, tp.Mapp
                     strict: bool = True) -> nn.Module:
     """Load ``source`` (a path or a state_dict, any supported layout) into ``model``.
 
-    Raises ``CheckpointError`` naming missing, unexpected or misshapen keys.
+    Raises ``CheckpointError`` naming missing, unexpected or misshapen keys, and any tensor that holds NaN/Inf.
     """
     state = read_state_dict(source) if isinstance(source, (str, os.PathLike)) else dict(source)
     state = convert_state_dict(state, model)
@@ -142,6 +142,9 @@ def check_state_dict(model: nn.Module, state: tp.Mapping[str, torch.Tensor], str
                 bad.append(f"{k}: shape {tuple(v.shape)}, the model has {tuple(own[k].shape)}")
             elif v.is_floating_point() != own[k].is_floating_point():
                 bad.append(f"{k}: dtype {v.dtype}, the model has {own[k].dtype}")
+            elif v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                n = int((~torch.isfinite(v)).sum())
+                bad.append(f"{k}: holds {n} NaN/Inf value(s) (a corrupt or diverged checkpoint)")
     if bad:
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(bad[:10])
                               + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else ""))

@@ -19,13 +19,23 @@ import warnings
 
 import torch
 
-from . import _backend, ops
+from . import _backend, _cache, _hooks, ops
 from .ops import rvq_cpp
 from .reference import functional as Fq
 from .reference.quantization import QuantizedResult
 from .reference.quantization import ResidualVectorQuantizer as _ReferenceRVQ
 
 _warned_dtypes: set = set()
+_CODEBOOKS = _cache.new_cache()
+
+
+def _check_finite_codebooks(cb: torch.Tensor, first_layer: int = 0) -> None:
+    """Refuse NaN/Inf codebook entries (the reference's argmax over NaN distances is not a defined answer)."""
+    bad = ~torch.isfinite(cb).flatten(1).all(1)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0, 0]) + first_layer
+        raise ValueError(f"vq.layers.{k}._codebook.embed holds NaN or Inf; a codebook must be finite "
+                         f"(reload the state_dict or re-initialise the quantizer)")
 
 
 class ResidualVectorQuantizer(_ReferenceRVQ):
@@ -33,7 +43,6 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._cb_cache: tuple | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -52,19 +61,23 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         return False
 
     def _codebooks(self, n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked codebooks (n_q, bins, D) and norms |e|^2 (n_q, bins), rebuilt only when an
-        embed buffer changed (tracked by its version counter and storage)."""
+        """Stacked codebooks (n_q, bins, D) and norms |e|^2 (n_q, bins), rebuilt whenever an embed buffer
+        changed in any way (fastcodec._cache: identity, version and content). Non-finite codebooks raise."""
         # list() first: slicing the ModuleList builds a new module (20 us of a streamed frame's ~0.2 ms)
         embeds = [layer._codebook.embed for layer in list(self.vq.layers)[:n_q]]
-        if torch.compiler.is_compiling():
-            cb = torch.stack([e.detach() for e in embeds])
-            return cb, cb.pow(2).sum(-1)
-        key = tuple((e.data_ptr(), e._version, e.device) for e in embeds)
-        if self._cb_cache is None or self._cb_cache[0] != key:
-            cb = torch.stack([e.detach() for e in embeds]).contiguous()
-            rvq_cpp.register_immutable_codebooks(cb)  # private, never written: few-row encodes may pack it once
-            self._cb_cache = (key, cb, cb.pow(2).sum(-1).contiguous())
-        return self._cb_cache[1], self._cb_cache[2]
+
+        def make():
+            with torch.no_grad(), torch.inference_mode(False):
+                cb = torch.stack([e.detach() for e in embeds]).contiguous()
+                if not torch.compiler.is_compiling():
+                    _check_finite_codebooks(cb)
+                return cb, cb.pow(2).sum(-1).contiguous()
+
+        if not _cache.cacheable(embeds):
+            return make()
+        cb, norms = _CODEBOOKS.get(embeds, make)
+        rvq_cpp.register_immutable_codebooks(cb)  # private, never written: few-row encodes may pack it once
+        return cb, norms
 
     def _check_x(self, x) -> None:
         if torch.compiler.is_compiling():
@@ -92,7 +105,7 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
 
     def forward(self, x: torch.Tensor, frame_rate: float) -> QuantizedResult:
         """x: (B, D, T), frame_rate in Hz -> QuantizedResult(x, codes (B, n_q, T), bandwidth, penalty)."""
-        if self._use_reference():
+        if self._use_reference() or _hooks.has_inner_hooks(self):  # hooks on inner modules fire there
             return super().forward(x, frame_rate)
         self._check_x(x)
         Fq.check_frame_rate(frame_rate)
@@ -121,20 +134,24 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
             if not bool(cbk.inited):
                 init = Fq.sample_vectors(samples, cbk.codebook_size)
                 means, counts = ops.kmeans(samples.contiguous(), init.contiguous(), cbk.kmeans_iters)
-                cbk.embed.data.copy_(means)
-                cbk.embed_avg.data.copy_(means)
-                cbk.cluster_size.data.copy_(counts)
-                cbk.inited.data.fill_(1.0)
+                with torch.no_grad():  # not through .data: the writes must bump the buffers' version counters
+                    cbk.embed.copy_(means)
+                    cbk.embed_avg.copy_(means)
+                    cbk.cluster_size.copy_(counts)
+                    cbk.inited.fill_(1.0)
             cb = cbk.embed.detach().unsqueeze(0).contiguous()
+            if not torch.compiler.is_compiling():
+                _check_finite_codebooks(cb, len(all_codes))
             codes, q, _ = ops.rvq_quantize(residual, cb, cb.pow(2).sum(-1), False)
             if training:
                 # dead-code expiry: audiocraft overwrites the replaced codes in the EMA step of the
                 # same call, so only its RNG draw is observable; make the same draw.
                 if cbk.threshold_ema_dead_code > 0 and bool((cbk.cluster_size < cbk.threshold_ema_dead_code).any()):
                     Fq.sample_vectors(samples, cbk.codebook_size)
-                ops.ema_update(residual.unsqueeze(0), codes, cbk.cluster_size.data.unsqueeze(0),
-                               cbk.embed_avg.data.unsqueeze(0), cbk.embed.data.unsqueeze(0),
-                               float(cbk.decay), float(cbk.epsilon))
+                with torch.no_grad():  # in place on the buffers (not .data): their version counters move
+                    ops.ema_update(residual.unsqueeze(0), codes, cbk.cluster_size.unsqueeze(0),
+                                   cbk.embed_avg.unsqueeze(0), cbk.embed.unsqueeze(0),
+                                   float(cbk.decay), float(cbk.epsilon))
                 q = residual + (q - residual)  # the value of audiocraft's straight-through output
                 loss = torch.zeros(1, device=x.device, requires_grad=True)
                 if layer.commitment_weight > 0:

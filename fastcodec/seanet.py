@@ -14,11 +14,12 @@ norms (time_group_norm) and modules run as they are. ``FASTCODEC_BACKEND=referen
 from __future__ import annotations
 
 import typing as tp
+import warnings
 
 import torch
 from torch import nn
 
-from . import _backend, _pool
+from . import _backend, _hooks, _pool
 from .ops import conv as conv_ops
 from .ops import lstm as lstm_ops
 from .reference import seanet as ref_seanet
@@ -239,15 +240,16 @@ class _LSTMStep:
         lstm = module.lstm
         if lstm.bidirectional or not lstm.bias or lstm.batch_first or lstm.proj_size:
             raise NotImplementedError("SEANet's LSTM is unidirectional, with biases, time-major")
-        # the Parameter objects themselves (stable across .to()/load_state_dict, which write in place):
-        # dynamo refuses to trace any access to an nn.LSTM module
-        self.weights = [getattr(lstm, n) for n in lstm._flat_weights_names]
+        # the parameter dict, read at every call (load_state_dict(assign=True) puts new Parameter objects in
+        # it), not the nn.LSTM: dynamo refuses to trace any access to an nn.LSTM module
+        self.params = lstm._parameters
+        self.names = list(lstm._flat_weights_names)
         self.num_layers = lstm.num_layers
         self.skip = module.skip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xt = x.permute(2, 0, 1)
-        y = lstm_op(xt.contiguous(), self.weights, self.num_layers)
+        y = lstm_op(xt.contiguous(), [self.params[n] for n in self.names], self.num_layers)
         if self.skip:
             y = y + xt
         return y.permute(1, 2, 0)
@@ -280,10 +282,22 @@ def compile_plan(model: nn.Sequential) -> list[tp.Callable[[torch.Tensor], torch
     return plan
 
 
+# per-module attributes that are derived or per-thread, never copied or pickled (rebuilt on use)
+_TRANSIENT = ("_plan", "_activation_pool_obj", "_fastcodec_streaming")
+_warned_dtypes: set = set()
+
+
 class _FastSEANet:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._fast_plan()  # built eagerly: a plan built inside torch.compile would trace nn.LSTM
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._fast_plan()
 
     def _fast_plan(self) -> list:
         plan = self.__dict__.get("_plan")
@@ -295,7 +309,15 @@ class _FastSEANet:
     def _use_reference(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling():
             return False
-        return _backend.choose("conv", x.device) == "reference" or x.dtype != torch.float32
+        if _backend.choose("conv", x.device) == "reference" or _hooks.has_inner_hooks(self):
+            return True
+        if x.dtype != torch.float32:
+            if x.is_floating_point() and x.dtype not in _warned_dtypes:  # others: the reference raises
+                _warned_dtypes.add(x.dtype)
+                warnings.warn(f"fastcodec: the SEANet kernels are float32-only; {x.dtype} input runs the "
+                              "reference code", RuntimeWarning, stacklevel=4)
+            return True
+        return False
 
     def _activation_pool(self, x: torch.Tensor) -> _pool.ActivationPool | None:
         """The module's pool of layer outputs (fastcodec/_pool.py) for CPU float32 inference, else None."""

@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import typing as tp
 import warnings
 import weakref
@@ -68,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _backend
+from . import _backend, _cache, _hooks
 from . import _build as _extensions
 from .reference.conv import StreamableConv1d, StreamableConvTranspose1d, pad1d
 from .reference.lstm import StreamableLSTM
@@ -191,56 +192,47 @@ def pack_conv_transpose1d(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 1).reshape(weight.shape[0], -1).contiguous()
 
 
+_FOLDED = _cache.new_cache()
+_PANELS = _cache.new_cache()
+_LSTM_T = _cache.new_cache()
+
+
 class _FoldedWeight:
     """A conv's weight, weight-norm folded (``torch._weight_norm``, bitwise the module's own ``.weight``)
-    and packed once, cached until ``weight``/``weight_v``/``weight_g`` change version or storage.
-    ``panels()`` is the packed weight in the streaming kernels' layout (``pack_panels``), cached the same way."""
+    and packed once, cached under fastcodec's one cache rule (``fastcodec._cache``).
+    ``panels()`` is the packed weight in the streaming kernels' layout (``pack_panels``), derived from it."""
 
-    __slots__ = ("params", "pack", "key", "value", "panel_key", "panel_value")
+    __slots__ = ("params", "pack")
 
     def __init__(self, conv: nn.Module, pack: tp.Callable[[torch.Tensor], torch.Tensor]):
-        self.params = conv._parameters
+        self.params = conv._parameters  # the dict itself: load_state_dict(assign=True) replaces its entries
         self.pack = pack
-        self.key: tuple | None = None
-        self.value: tuple | None = None
-        self.panel_key: tuple | None = None
-        self.panel_value: torch.Tensor | None = None
 
-    def _key(self) -> tuple | None:
+    def _sources(self) -> tuple:
         params = self.params
         v = params.get("weight_v")
-        # a new dtype or device means a new storage, so data_ptr covers .to(); _version covers in-place updates
-        try:
-            if v is None:
-                w = params["weight"]
-                return (w._version, w.data_ptr())
-            g = params["weight_g"]
-            return (v._version, g._version, v.data_ptr(), g.data_ptr())
-        except RuntimeError:  # inference tensors carry no version: fold every time
-            return None
+        return (params["weight"],) if v is None else (v, params["weight_g"])
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (weight, packed weight)."""
-        key = self._key()
-        if key is None or key != self.key:
-            params = self.params
-            v = params.get("weight_v")
-            with torch.no_grad():
-                w = params["weight"].detach() if v is None else torch._weight_norm(v, params["weight_g"], 0)
-                self.value = (w, self.pack(w))
-            self.key = key
-        return self.value
+        src = self._sources()
+
+        def make():
+            with torch.no_grad(), torch.inference_mode(False):
+                w = src[0].detach().clone() if len(src) == 1 else torch._weight_norm(src[0], src[1], 0)
+                return (w, self.pack(w))
+
+        return _FOLDED.get(src, make, (self.pack,))
 
     def panels(self, kernels) -> torch.Tensor:
         """The packed weight (K, N) = ``pack(w)`` as (N, K) transposed, in ``kernels.pack_panels``' layout."""
-        key = self._key()
-        if key is None or key != self.panel_key:
-            packed = self.get()[1]
-            if self.pack is pack_conv1d:
-                packed = packed.t()
-            self.panel_value = kernels.pack_panels(packed, _panel_width(packed.shape[1]))
-            self.panel_key = key
-        return self.panel_value
+        packed = self.get()[1]
+
+        def make():
+            p = packed.t() if self.pack is pack_conv1d else packed
+            return kernels.pack_panels(p, _panel_width(p.shape[1]))
+
+        return _PANELS.get((packed,), make)
 
 
 def _panel_width(n: int) -> int:
@@ -311,6 +303,8 @@ class StreamState:
         self.dtype = dtype
         self.device = device
         self.finished = finished
+        # cached weights are fingerprinted once per stream, at its first chunk (fastcodec._cache.trusting)
+        self.trust_epoch = _cache.new_epoch()
 
     def _derive(self, fn) -> "StreamState":
         slots = [s.copy(fn) for s in self.slots]
@@ -394,6 +388,7 @@ class StreamState:
                     setattr(slot, k, type(v)(int(saved)))
         self.batch_size = batch
         self.finished = bool(int(state_dict["finished"]))
+        self.trust_epoch = _cache.new_epoch()
         return self
 
     def nbytes(self) -> int:
@@ -782,29 +777,23 @@ class _ConvTranspose(_Step):
 
 
 class _LSTMWeights:
-    """Per layer (W_ih^T, W_hh^T, b_ih + b_hh), transposed and contiguous, cached until a parameter changes
-    version or storage. The (K, 4H) layout: MKL on the AMD EPYC reads a 1 x 512 x 2048 GEMV 1.8x faster
-    this way than as (4H, K) (out of cache: 0.29 vs 0.51 ms)."""
+    """Per layer (W_ih^T, W_hh^T, b_ih + b_hh), transposed and contiguous, cached under the one cache rule.
+    The (K, 4H) layout: MKL reads a 1 x 512 x 2048 GEMV 1.8x faster this way than as (4H, K)."""
 
     def __init__(self, lstm: nn.LSTM):
         self.params = lstm._parameters
         self.names = [(f"weight_ih_l{i}", f"weight_hh_l{i}", f"bias_ih_l{i}", f"bias_hh_l{i}")
                       for i in range(lstm.num_layers)]
-        self.key: tuple | None = None
-        self.value: list | None = None
 
     def get(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         ts = [self.params[n] for names in self.names for n in names]
-        try:
-            key = tuple((t._version, t.data_ptr()) for t in ts)
-        except RuntimeError:  # inference tensors carry no version
-            key = None
-        if key is None or key != self.key:
-            with torch.no_grad():
-                self.value = [(w_ih.t().contiguous(), w_hh.t().contiguous(), b_ih + b_hh)
-                              for w_ih, w_hh, b_ih, b_hh in zip(*[iter(ts)] * 4)]
-            self.key = key
-        return self.value
+
+        def make():
+            with torch.no_grad(), torch.inference_mode(False):
+                return [(w_ih.t().contiguous(), w_hh.t().contiguous(), b_ih + b_hh)
+                        for w_ih, w_hh, b_ih, b_hh in zip(*[iter(ts)] * 4)]
+
+        return _LSTM_T.get(ts, make)
 
 
 def _lstm_pointwise(gates: torch.Tensor, c: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1101,6 +1090,13 @@ def stream_state(module: nn.Module, batch_size: int, chunk_size: int | None = No
     return plan.new_state(batch_size, _like(module), chunk_size)
 
 
+def _check_hooks(module: nn.Module, what: str) -> None:
+    if _hooks.has_inner_hooks(module):
+        raise RuntimeError(f"{what}: {type(module).__name__} has hooks on inner modules (or global module hooks); "
+                           "streaming runs fused steps that would never call them. Remove the hooks, or run "
+                           "the module offline, where they fire as in audiocraft")
+
+
 def _check_state(plan: StreamPlan, state, what: str) -> None:
     if not isinstance(state, StreamState):
         raise TypeError(f"{what}: state must be a StreamState (from stream_state), got {type(state).__name__}")
@@ -1190,8 +1186,9 @@ def stream(module: nn.Module, chunk: torch.Tensor, state):
     plan = plan_of(module)
     _check_state(plan, state, "stream")
     _check_chunk(plan, chunk, state, "stream")
+    _check_hooks(module, "stream")
     kernels = state.slots.kernels = _stream_kernels(state)
-    with torch.no_grad():
+    with torch.no_grad(), _cache.trusting(state.trust_epoch):
         y = plan.push(chunk, state)
     if y is None:
         return chunk.new_zeros(chunk.shape[0], plan.out_channels, 0), state
@@ -1205,8 +1202,9 @@ def stream_flush(module: nn.Module, state) -> torch.Tensor:
         return _codec_flush(module, state)
     plan = plan_of(module)
     _check_state(plan, state, "stream_flush")
+    _check_hooks(module, "stream_flush")
     kernels = state.slots.kernels = _stream_kernels(state)
-    with torch.no_grad():
+    with torch.no_grad(), _cache.trusting(state.trust_epoch):
         y = plan.flush(state)
     state.finished = True
     if y is None:
@@ -1241,18 +1239,18 @@ def stream_encode(model: nn.Module, chunk: torch.Tensor, state: StreamState):
     if hasattr(model, "_check_wav"):
         model._check_wav(chunk)
     emb, state = stream(model.encoder, chunk, state)
-    return _quantize(model, emb), state
+    return _quantize(model, emb, state), state
 
 
 def stream_encode_flush(model: nn.Module, state: StreamState) -> torch.Tensor:
     """The last codes (B, K, frames) of the stream."""
-    return _quantize(model, stream_flush(model.encoder, state))
+    return _quantize(model, stream_flush(model.encoder, state), state)
 
 
-def _quantize(model: nn.Module, emb: torch.Tensor) -> torch.Tensor:
+def _quantize(model: nn.Module, emb: torch.Tensor, state: StreamState) -> torch.Tensor:
     if emb.shape[-1] == 0:
         return torch.zeros(emb.shape[0], model.quantizer.num_codebooks, 0, dtype=torch.long, device=emb.device)
-    with torch.no_grad():
+    with torch.no_grad(), _cache.trusting(state.trust_epoch):
         return model.quantizer.encode(emb)
 
 
@@ -1264,7 +1262,7 @@ def decode_state(model: nn.Module, batch_size: int, chunk_size: int | None = Non
 
 def stream_decode(model: nn.Module, codes: torch.Tensor, state: StreamState):
     """Codes (B, K, frames >= 1) -> ``(audio (B, channels, n), state)``."""
-    with torch.no_grad():
+    with torch.no_grad(), _cache.trusting(state.trust_epoch):
         emb = model.quantizer.decode(codes)
     return stream(model.decoder, emb, state)
 
@@ -1330,22 +1328,32 @@ class StreamingMixin:
 
     @contextlib.contextmanager
     def streaming(self):
-        self.__dict__["_fastcodec_streaming"] = [None]
+        """Inside the block, calls of this module **from this thread** are chunks of one stream (other threads'
+        calls stay offline); ``flush()`` ends the stream and returns its tail."""
+        boxes = self.__dict__.setdefault("_fastcodec_streaming", {})
+        tid = threading.get_ident()
+        if tid in boxes:
+            raise RuntimeError("streaming() is already active in this thread for this module")
+        boxes[tid] = [None]
         try:
             yield self
         finally:
-            self.__dict__.pop("_fastcodec_streaming", None)
+            boxes.pop(tid, None)
+
+    def _stream_box(self):
+        boxes = self.__dict__.get("_fastcodec_streaming")
+        return boxes.get(threading.get_ident()) if boxes else None
 
     def flush(self) -> torch.Tensor:
-        box = self.__dict__.get("_fastcodec_streaming")
+        box = self._stream_box()
         if box is None or box[0] is None:
-            raise RuntimeError("flush() needs an active streaming() block with at least one chunk")
+            raise RuntimeError("flush() needs an active streaming() block (in this thread) with at least one chunk")
         tail = stream_flush(self, box[0])
         box[0] = None
         return tail
 
     def __call__(self, x, *args, **kwargs):
-        box = self.__dict__.get("_fastcodec_streaming")
+        box = self._stream_box()
         if box is None:
             return super().__call__(x, *args, **kwargs)
         if box[0] is None:

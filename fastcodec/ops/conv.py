@@ -19,10 +19,10 @@ The transposed conv runs on the CPU as ``stride`` interleaved ordinary convs of 
 through the same kernel (measured 1.3x to 3.7x faster than ELU + F.conv_transpose1d + trim on the 24 kHz
 decoder's four layers, 1 thread); on CUDA its ``cuda`` backend is cuDNN through ATen.
 
-Weights: the C++ kernel wants a packed copy. ``_packed_weight`` caches it per weight tensor, keyed by
-the tensor itself (weakly), its ``data_ptr`` and its ``_version``, so an optimiser step or a
-``copy_`` repacks and nothing else does. ``weight_norm_weight(v, g)`` folds ``g * v / ||v||`` once per
-change of ``v`` or ``g`` and returns the same tensor until then, so the packed cache keeps hitting.
+Weights: the C++ kernel wants a packed copy. ``_packed_weight`` caches it per weight tensor and
+``weight_norm_weight(v, g)`` folds ``g * v / ||v||`` once per change of ``v`` or ``g``, both under the one
+cache rule of ``fastcodec._cache`` (identity, version and a content fingerprint of the sources), so any
+write repacks and nothing else does.
 """
 from __future__ import annotations
 
@@ -34,13 +34,12 @@ import os
 import shutil
 import subprocess
 import threading
-import weakref
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _build, _pool
+from .. import _backend, _build, _cache, _pool
 from ..reference.conv import pad1d
 
 PAD_MODES = ("constant", "reflect")
@@ -177,54 +176,8 @@ IMPLS["reference"] = conv1d_reference
 # ---------------------------------------------------------------------------------------------
 
 
-class _TensorCache:
-    """Values derived from tensors, valid while every key tensor is alive, unmoved and unmodified.
-
-    Keyed by the tensors' ids; an entry holds weak references (so a new tensor reusing an id or an
-    address never hits) plus each tensor's ``data_ptr`` and ``_version`` at the time it was computed.
-    Inference tensors have no version counter: they are never cached.
-    """
-
-    def __init__(self) -> None:
-        self._d: dict[tuple[int, ...], tuple] = {}
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _stamp(ts) -> tuple | None:
-        try:
-            return tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride())) for t in ts)
-        except RuntimeError:  # inference tensors do not track a version
-            return None
-
-    def get(self, ts, make: Callable[[], torch.Tensor], extra: tuple = ()) -> torch.Tensor:
-        stamp = self._stamp(ts)
-        if stamp is None:
-            return make()
-        key = tuple(id(t) for t in ts) + extra
-        with self._lock:
-            hit = self._d.get(key)
-        if hit is not None and all(r() is t for r, t in zip(hit[0], ts)) and hit[1] == stamp:
-            return hit[2]
-        value = make()
-        refs = tuple(weakref.ref(t, lambda _r, k=key: self._drop(k)) for t in ts)
-        with self._lock:
-            self._d[key] = (refs, stamp, value)
-        return value
-
-    def _drop(self, key) -> None:
-        with self._lock:
-            self._d.pop(key, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
-_packed_cache = _TensorCache()
-_folded_cache = _TensorCache()
+_packed_cache = _cache.new_cache()
+_folded_cache = _cache.new_cache()
 
 
 def weight_norm_weight(weight_v: torch.Tensor, weight_g: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -241,7 +194,7 @@ def weight_norm_weight(weight_v: torch.Tensor, weight_g: torch.Tensor, dim: int 
         with torch.inference_mode(False):
             return torch._weight_norm(weight_v.detach(), weight_g.detach(), dim)
 
-    return _folded_cache.get((weight_v, weight_g), fold)
+    return _folded_cache.get((weight_v, weight_g), fold, (dim,))
 
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -255,8 +208,8 @@ def _packed_weight_transposed(weight: torch.Tensor, stride: int) -> torch.Tensor
 
 
 def clear_weight_caches() -> None:
-    """Forget packed and folded weights. Needed only after writes that bypass the version counter
-    (``weight.data.copy_(...)`` on a ``.data`` alias, writes through numpy or DLPack)."""
+    """Forget packed and folded weights (they are rebuilt on next use). Never needed for correctness: every
+    entry is checked against its sources' identity, version and bytes (fastcodec/_cache.py)."""
     _packed_cache.clear()
     _folded_cache.clear()
 

@@ -14,11 +14,11 @@ PyTorch's cell in float32: ``gates = x W_ih^T + b_ih + h W_hh^T + b_hh`` (i, f, 
 order, so results are bitwise the same for any thread count, run to run, and whether a sequence goes in one
 call or in pieces with the state carried over. NaN propagates as in ATen.
 
-Weights are packed once per change: ``pack`` caches the packed form keyed on the weight tensors
-(weakly), their ``data_ptr`` and ``_version`` (inference tensors carry no version and are repacked per
-call). For streaming, ``PackedLSTMWeights(lstm).get()`` re-checks only the parameters' (``_version``,
-``data_ptr``) and ``forward_packed`` calls the extension directly (no dispatcher, no Python checks: the
-C++ side still checks everything).
+Weights are packed once per change: ``pack`` caches the packed form under the one cache rule of
+``fastcodec._cache`` (identity, version and content fingerprint of the weights). For streaming,
+``PackedLSTMWeights(lstm).get()`` reads the same cache (inside a stream, version-counted writes only: each
+stream verifies the fingerprints when it starts) and ``forward_packed`` calls the extension directly (no
+dispatcher, no Python checks: the C++ side still checks everything).
 """
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import _backend, _build
-from .conv import _TensorCache, _check_tensor, _describe
+from .. import _backend, _build, _cache
+from .conv import _check_tensor, _describe
 
 EXTENSION = "lstm_cpu"
 
 _ext: Optional[ModuleType] = None
-_packed_cache = _TensorCache()
+_packed_cache = _cache.new_cache()
 _probe_lock = threading.Lock()
 _probe_result: Optional[_backend.Availability] = None
 _warned = False
@@ -99,9 +99,8 @@ def pack(weights: Sequence[torch.Tensor], num_layers: int) -> list[torch.Tensor]
 
 
 class PackedLSTMWeights:
-    """An ``nn.LSTM``'s packed weights for the streaming step, repacked when a parameter's
-    (``_version``, ``data_ptr``) changes or a parameter is replaced; ``get()`` costs about a microsecond
-    per parameter otherwise."""
+    """An ``nn.LSTM``'s packed weights for the streaming step (``pack``'s cache, read through the module's
+    current parameters, so replaced Parameter objects are seen)."""
 
     def __init__(self, lstm: nn.LSTM):
         if lstm.bidirectional or lstm.batch_first or lstm.proj_size or not lstm.bias:
@@ -109,21 +108,16 @@ class PackedLSTMWeights:
         self.params = lstm._parameters
         self.names = list(lstm._flat_weights_names)
         self.num_layers = lstm.num_layers
-        self.key: Optional[tuple] = None
-        self.value: Optional[list[torch.Tensor]] = None
 
     def get(self) -> list[torch.Tensor]:
-        ts = [self.params[n] for n in self.names]
-        try:
-            key = tuple((id(t), t._version, t.data_ptr()) for t in ts)
-        except RuntimeError:  # inference tensors carry no version: repack every time
-            key = None
-        if key is None or key != self.key:
+        ts = tuple(self.params[n] for n in self.names)
+
+        def make():
             check_weights(ts, self.num_layers)
             with torch.inference_mode(False), torch.no_grad():
-                self.value = extension().pack([t.detach() for t in ts], self.num_layers)
-            self.key = key
-        return self.value
+                return extension().pack([t.detach() for t in ts], self.num_layers)
+
+        return _packed_cache.get(ts, make, ("lstm", self.num_layers))
 
 
 def forward_packed(x: torch.Tensor, packed: list[torch.Tensor], h: torch.Tensor, c: torch.Tensor,
