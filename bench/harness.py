@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -31,6 +31,7 @@ import fastcodec
 # row order within a table; a provider absent from a case is not applicable to it (no row)
 PROVIDERS = ("fastcodec", "reference", "audiocraft", "compiled", "onnxruntime")
 EPS32 = 2.0**-23
+U32 = 2.0**-24  # float32 unit roundoff
 GEMM_SHAPE = (6000, 128, 1024)  # the DESIGN's GEMM: [6000,128] x [128,1024], the RVQ encode's inner product
 MiB = 2**20
 
@@ -39,7 +40,7 @@ MiB = 2**20
 class Check:
     ok: bool
     detail: str
-    flips: int = 0  # certified near-tie rows (codes)
+    flips: int = 0  # codes: rows that differ at exact duplicates or certified near-ties
     err: float | None = None  # max abs error (floats)
     tol: float | None = None
 
@@ -364,57 +365,144 @@ def compare_float_dict(out: dict, expected: dict, tols: dict[str, float | tuple[
     return Check(True, f"{len(checks)} float outputs within tol (closest: {worst.detail})")
 
 
-def compare_codes(codes: Any, expected: torch.Tensor, x: torch.Tensor, codebooks: torch.Tensor,
-                  rel_bound: float = 1e-5) -> Check:
-    """Codes must equal the oracle's except at certified near-ties (the rule of tests/utils.py).
+def gamma(n, u: float = U32):
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of an n-term sum or dot product
+    in floating point, in any summation order, with or without FMA. n: an int or a tensor."""
+    return n * u / (1 - n * u)
 
-    codes, expected: (B, K, T) integers; x: (B, D, T) the quantizer's input; codebooks: (K, bins, D).
-    For a row (b, t), at the first layer k where the codes differ, both candidates' squared
-    distances to that layer's residual (shared by both sequences up to k) are computed in float64;
-    the difference is a near-tie if within ``rel_bound * (|r|^2 + |e|^2)``, the float32 rounding
-    bound of the expanded distance. Later layers of a flipped row are not compared.
+
+def distance_rounding_bound(r_norm: torch.Tensor, e_norm: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bound on the float32 rounding error of one squared distance |r - e|^2 of ``dim``-vectors:
+    gamma_{dim+2} (|r| + |e|)^2. It covers the expanded form (|r|^2 - 2 r.e + |e|^2, with or without
+    |r|^2, norms precomputed or not: three dot products and two additions) and the direct sum of
+    (r_i - e_i)^2 (three roundings per term), in any order: every way our kernels and audiocraft compute it."""
+    return gamma(dim + 2) * (r_norm + e_norm) ** 2
+
+
+def residual_rounding_bound(abs_sum: torch.Tensor, layer) -> torch.Tensor:
+    """Bound on the norm of a float32 residual's rounding error at RVQ ``layer`` (0 at layer 0: both
+    sides read the same float32 x). Each earlier layer rounds at most three times (audiocraft's
+    straight-through value r + (q - r), then r - q), each by u times at most ``abs_sum`` =
+    |x| + sum_{j<layer} |e_j| (elementwise, (N, D) float64); layer: an int or (N,) -> (N,)."""
+    return gamma(3 * layer) * abs_sum.norm(dim=1)
+
+
+def near_tie_bound(d_a: torch.Tensor, d_b: torch.Tensor, r_norm: torch.Tensor, ea_norm: torch.Tensor,
+                   eb_norm: torch.Tensor, eab: torch.Tensor, dim: int, rho=0.0, cb_err: float = 0.0) -> torch.Tensor:
+    """How close two exact (float64) squared distances d_a = |r - e_a|^2, d_b = |r - e_b|^2 may be
+    for two float32 computations to rank e_a and e_b differently (all float64 tensors, broadcast).
+
+    Each side computes its distances with at most ``distance_rounding_bound`` of error, from an input
+    within ``rho`` of r and codewords within ``cb_err`` of e_a, e_b (norms). Expanding
+    |r + eta - e - delta|^2 gives: both roundings, + 2 rho |e_a - e_b| (the input moves both distances
+    alike but for its projection on e_a - e_b), + 2 cb_err (|r - e_a| + |r - e_b|) + (rho + cb_err)^2.
+    ``eab``: |e_a - e_b|.
+    """
+    rn = r_norm + rho
+    bound = (distance_rounding_bound(rn, ea_norm + cb_err, dim) + distance_rounding_bound(rn, eb_norm + cb_err, dim)
+             + 2 * rho * eab)
+    if cb_err:
+        bound = bound + 2 * cb_err * (d_a.clamp(min=0).sqrt() + d_b.clamp(min=0).sqrt()) + (rho + cb_err) ** 2
+    return bound
+
+
+def canonical_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) with each code replaced by the lowest index of an equal codeword (elementwise ==) of
+    its layer: exact duplicates quantize to the same vector, so later layers see the same residual."""
+    out = codes.clone()
+    bins = codebooks.shape[1]
+    for k in range(codes.shape[1]):
+        _, group = torch.unique(codebooks[k], dim=0, return_inverse=True)
+        first = torch.full((int(group.max()) + 1,), bins, dtype=torch.long)
+        first.scatter_reduce_(0, group, torch.arange(bins), "amin")
+        out[:, k] = first[group][codes[:, k]]
+    return out
+
+
+class CodesCheck(NamedTuple):
+    ok: bool
+    flips: int  # rows (b, t) whose codes differ anywhere
+    detail: str
+
+
+def check_codes_equivalent(codes: Any, expected: torch.Tensor, x: torch.Tensor,
+                           codebooks: torch.Tensor) -> CodesCheck:
+    """Codes must be equal except at exact duplicates and certified near-ties: the one rule behind
+    ``compare_codes`` (the bench's check) and ``tests/utils.assert_codes_equivalent``.
+
+    codes, expected: (B, K, T) integers; x: (B, D, T) the quantizer's float32 input; codebooks:
+    (K', bins, D), K' >= K. Per row, codes are first mapped to the lowest index of an equal codeword
+    of their layer (an exact duplicate gives the same quantized vector, so the later layers see the
+    same residual and are still compared). At the first layer k where the mapped codes differ, both
+    candidates' squared distances to the residual of the expected codes are computed in float64;
+    they may differ by at most ``near_tie_bound``: the float32 rounding bound of the two distances
+    (it grows with D) plus the residual's own rounding through k layers (0 at layer 0). Later layers
+    of such a row are not compared (their residuals differ). Everything else fails, with an example.
+    ``flips`` counts the rows whose codes differ anywhere.
     """
     if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
-        return Check(False, f"codes: expected an integer tensor, got {getattr(codes, 'dtype', type(codes))}")
+        return CodesCheck(False, 0, f"codes: expected an integer tensor, got {getattr(codes, 'dtype', type(codes))}")
     if tuple(codes.shape) != tuple(expected.shape):
-        return Check(False, f"codes shape {tuple(codes.shape)} != {tuple(expected.shape)}")
+        return CodesCheck(False, 0, f"codes shape {tuple(codes.shape)} != {tuple(expected.shape)}")
     B, K, T = expected.shape
+    bins, D = codebooks.shape[1:]
+    if codebooks.shape[0] < K or tuple(x.shape) != (B, D, T):
+        return CodesCheck(False, 0, f"x {tuple(x.shape)} and codebooks {tuple(codebooks.shape)} do not fit "
+                                    f"codes {(B, K, T)}")
     c = codes.detach().cpu().long().permute(0, 2, 1).reshape(B * T, K)
     e = expected.detach().cpu().long().permute(0, 2, 1).reshape(B * T, K)
-    diff = c != e
+    for name, t in (("codes", c), ("expected", e)):
+        if bool(((t < 0) | (t >= bins)).any()):
+            bad = sorted(set(t[(t < 0) | (t >= bins)].tolist()))[:5]
+            return CodesCheck(False, 0, f"{name}: values outside [0, {bins}): {bad}")
+    flips = int((c != e).any(1).sum())
+    if flips == 0:
+        return CodesCheck(True, 0, "codes equal")
+    cb32 = codebooks.detach().cpu()[:K]
+    diff = canonical_codes(c, cb32) != canonical_codes(e, cb32)
     rows = diff.any(1).nonzero().flatten()
-    if rows.numel() == 0:
-        return Check(True, "codes equal")
-    bins = codebooks.shape[1]
-    cb = codebooks.detach().cpu().double()
-    r_all = x.detach().cpu().double().permute(0, 2, 1).reshape(B * T, -1)
-    n_bad, example = 0, ""
-    for chunk in rows.split(1024):  # bounds the float64 gather to 1024 x K x D
-        cc, ee = c[chunk], e[chunk]
-        k = diff[chunk].int().argmax(1)  # first differing layer
-        res = r_all[chunk].clone()
-        for j in range(K):
+    n_dup = flips - rows.numel()
+    cb = cb32.double()
+    x_rows = x.detach().cpu().double().permute(0, 2, 1).reshape(B * T, D)
+    n_bad, example, worst = 0, "", 0.0
+    for chunk in rows.split(1024) if rows.numel() else ():  # bounds the float64 gather to 1024 x D per layer
+        cc, ee, n = c[chunk], e[chunk], chunk.numel()
+        k = diff[chunk].int().argmax(1)  # the first layer where the sequences quantize differently
+        r = x_rows[chunk].clone()
+        abs_sum = r.abs()
+        for j in range(K - 1):
             m = j < k
             if m.any():
-                res[m] -= cb[j, ee[m, j]]
-        ar = torch.arange(chunk.numel())
-        in_range = (cc[ar, k] >= 0) & (cc[ar, k] < bins)
-        ea = cb[k, cc[ar, k].clamp(0, bins - 1)]
-        eb = cb[k, ee[ar, k]]
-        da = ((res - ea) ** 2).sum(1)
-        db = ((res - eb) ** 2).sum(1)
-        bound = rel_bound * (res.pow(2).sum(1) + torch.maximum(ea.pow(2).sum(1), eb.pow(2).sum(1)))
-        bad = ~in_range | ((da - db).abs() > bound)
+                q = cb[j, ee[m, j]]
+                r[m] -= q
+                abs_sum[m] += q.abs()
+        ar = torch.arange(n)
+        ea, eb = cb[k, cc[ar, k]], cb[k, ee[ar, k]]
+        d_a, d_b = ((r - ea) ** 2).sum(1), ((r - eb) ** 2).sum(1)
+        rho = residual_rounding_bound(abs_sum, k.double())
+        bound = near_tie_bound(d_a, d_b, r.norm(dim=1), ea.norm(dim=1), eb.norm(dim=1), (ea - eb).norm(dim=1), D, rho)
+        gap = (d_a - d_b).abs()
+        bad = gap > bound
+        worst = max(worst, float((gap / bound.clamp(min=1e-300)).max()))
         if bad.any() and not example:
             i = int(bad.nonzero()[0])
-            example = (f"e.g. row {int(chunk[i])} layer {int(k[i])}: code {int(cc[i, k[i]])} (dist {da[i]:.6g}) "
-                       f"vs {int(ee[i, k[i]])} (dist {db[i]:.6g}), near-tie bound {bound[i]:.2e}")
+            b_, t_ = divmod(int(chunk[i]), T)
+            example = (f"e.g. row {int(chunk[i])} layer {int(k[i])} (batch {b_}, frame {t_}): code "
+                       f"{int(cc[i, k[i]])} (float64 distance {d_a[i]:.9g}) vs expected {int(ee[i, k[i]])} "
+                       f"({d_b[i]:.9g}), difference "
+                       f"{(d_a[i] - d_b[i]).abs():.3e} > float32 bound {bound[i]:.3e}")
         n_bad += int(bad.sum())
-    n = rows.numel()
-    layer0 = int(diff[:, 0].sum())
     if n_bad:
-        return Check(False, f"codes: {n_bad} of {n} differing rows are not near-ties ({example})")
-    return Check(True, f"codes equal except {n} certified near-tie row(s) ({layer0} in layer 0)", flips=n)
+        return CodesCheck(False, flips, f"codes: {n_bad} of {flips} differing rows are neither exact duplicates "
+                                        f"nor near-ties ({example})")
+    return CodesCheck(True, flips, f"codes equal except {flips} row(s): {n_dup} exact-duplicate codeword(s), "
+                                   f"{rows.numel()} certified near-tie(s) (largest at {worst:.2f} of the bound)")
+
+
+def compare_codes(codes: Any, expected: torch.Tensor, x: torch.Tensor, codebooks: torch.Tensor) -> Check:
+    """``check_codes_equivalent`` as a ``Check`` (shapes there); ``flips``: rows that differ."""
+    ok, flips, detail = check_codes_equivalent(codes, expected, x, codebooks)
+    return Check(ok, detail, flips=flips)
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:

@@ -291,6 +291,24 @@ def test_compare_codes_allows_only_certified_near_ties():
     assert not bh.compare_codes(expected[:, :1], expected, x, codebooks).ok
 
 
+def test_compare_codes_accepts_exact_duplicates_and_uses_the_float32_bound():
+    # layer 0: codewords 0 and 1 are the same vector, so codes 0 and 1 quantize alike and layer 1 is still
+    # compared; layer 1: residual [0,1] is exactly codeword 0, at distance 4 from codeword 1
+    codebooks = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [5.0, 5.0]], [[0.0, 1.0], [0.0, -1.0], [4.0, 4.0]]])
+    x = torch.tensor([[[1.0], [1.0]]])
+    expected = torch.tensor([[[0], [0]]])
+    dup = bh.compare_codes(torch.tensor([[[1], [0]]]), expected, x, codebooks)
+    assert dup.ok and dup.flips == 1 and "1 exact-duplicate" in dup.detail, dup.detail
+    wrong_after_dup = bh.compare_codes(torch.tensor([[[1], [1]]]), expected, x, codebooks)
+    assert not wrong_after_dup.ok and "row 0 layer 1" in wrong_after_dup.detail
+    # D=2: a gap of 2^-16 (1.5e-5) is far above the float32 bound 2 gamma_4 (|r| + |e|)^2 ~ 1.9e-6, though
+    # within a flat 1e-5 (|r|^2 + |e|^2)
+    codebooks = torch.tensor([[[1.0, 0.0], [1.0, 2.0**-8]]])
+    x = torch.tensor([[[1.0], [0.0]]])
+    close = bh.compare_codes(torch.tensor([[[1]]]), torch.tensor([[[0]]]), x, codebooks)
+    assert not close.ok and "float32 bound" in close.detail, close.detail
+
+
 def test_float_checks_use_the_float64_error():
     ref64 = torch.tensor([1.0, -2.0], dtype=torch.float64)
     ref = torch.tensor([1.0 + 2**-20, -2.0])

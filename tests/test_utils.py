@@ -1,8 +1,10 @@
-"""The certified near-tie rule (tests/utils.py) must reject real differences, accept exact duplicates
+"""The certified near-tie rule (``fastcodec.bench.harness.check_codes_equivalent``, asserted by
+tests/utils.py and checked by ``fastcodec bench``) must reject real differences, accept exact duplicates
 and near-ties within the float32 bound, and its bound must hold for every way the distance is computed."""
 import pytest
 import torch
 
+from fastcodec.bench import harness as bh
 from fastcodec.reference.functional import rvq_quantize
 from tests.utils import (assert_codes_equivalent, assert_no_near_ties, check_codes_equivalent,
                          distance_rounding_bound)
@@ -37,6 +39,17 @@ def test_a_wrong_code_is_rejected(layer):
         assert_codes_equivalent(wrong, codes, x, cb)
     with pytest.raises(AssertionError, match="neither exact duplicates nor near-ties"):
         assert_codes_equivalent(codes, wrong, x, cb)  # either side may be the wrong one
+
+
+def test_the_assertion_and_the_bench_check_are_one_rule():
+    x, cb, codes = _problem()
+    wrong = codes.clone()
+    wrong[0, 1, 2] = (wrong[0, 1, 2] + 1) % 16
+    check = bh.compare_codes(wrong, codes, x, cb)
+    assert not check.ok and check.flips == 1
+    with pytest.raises(AssertionError) as info:
+        assert_codes_equivalent(wrong, codes, x, cb)
+    assert str(info.value) == check.detail
 
 
 @pytest.mark.parametrize("layer", [0, 1])
