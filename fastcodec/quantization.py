@@ -71,13 +71,24 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
                 cb = torch.stack([e.detach() for e in embeds]).contiguous()
                 if not torch.compiler.is_compiling():
                     _check_finite_codebooks(cb)
+                    if cb.device.type == "cpu":  # private, never written: few-row encodes may pack it once
+                        rvq_cpp.register_immutable_codebooks(cb)
                 return cb, cb.pow(2).sum(-1).contiguous()
 
+        if torch.compiler.is_compiling():
+            return make()
+        memo = self.__dict__.get("_fc_memo")
+        if memo is None:
+            memo = self.__dict__["_fc_memo"] = _cache.Memo()
+        hit = memo.hit(embeds)
+        if hit is not None:
+            return hit
         if not _cache.cacheable(embeds):
             return make()
-        cb, norms = _CODEBOOKS.get(embeds, make)
-        rvq_cpp.register_immutable_codebooks(cb)  # private, never written: few-row encodes may pack it once
-        return cb, norms
+        return memo.store(embeds, _CODEBOOKS.get(embeds, make))
+
+    def __getstate__(self):  # the memo holds tensors of this module: never copied or pickled
+        return {k: v for k, v in self.__dict__.items() if k != "_fc_memo"}
 
     def _check_x(self, x) -> None:
         if torch.compiler.is_compiling():

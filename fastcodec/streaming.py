@@ -193,46 +193,57 @@ def pack_conv_transpose1d(weight: torch.Tensor) -> torch.Tensor:
 
 
 _FOLDED = _cache.new_cache()
-_PANELS = _cache.new_cache()
 _LSTM_T = _cache.new_cache()
 
 
 class _FoldedWeight:
     """A conv's weight, weight-norm folded (``torch._weight_norm``, bitwise the module's own ``.weight``)
-    and packed once, cached under fastcodec's one cache rule (``fastcodec._cache``).
-    ``panels()`` is the packed weight in the streaming kernels' layout (``pack_panels``), derived from it."""
+    and packed once, cached under fastcodec's one cache rule (``fastcodec._cache``), with per-stream memos
+    (``_cache.Memo``) in front. ``panels()`` is the packed weight in the streaming kernels' layout
+    (``pack_panels``), derived from the private packed tensor."""
 
-    __slots__ = ("params", "pack")
+    __slots__ = ("params", "pack", "memo", "panel_memo", "panel_of")
 
     def __init__(self, conv: nn.Module, pack: tp.Callable[[torch.Tensor], torch.Tensor]):
         self.params = conv._parameters  # the dict itself: load_state_dict(assign=True) replaces its entries
         self.pack = pack
+        self.memo = _cache.Memo()
+        self.panel_memo = _cache.Memo()
+        self.panel_of: tuple | None = None  # (packed, panels): panels of that private packed tensor
 
     def _sources(self) -> tuple:
         params = self.params
         v = params.get("weight_v")
         return (params["weight"],) if v is None else (v, params["weight_g"])
 
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (weight, packed weight)."""
-        src = self._sources()
-
+    def _make(self, src: tuple):
         def make():
             with torch.no_grad(), torch.inference_mode(False):
                 w = src[0].detach().clone() if len(src) == 1 else torch._weight_norm(src[0], src[1], 0)
                 return (w, self.pack(w))
 
-        return _FOLDED.get(src, make, (self.pack,))
+        return make
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (weight, packed weight)."""
+        src = self._sources()
+        hit = self.memo.hit(src)
+        if hit is not None:
+            return hit
+        return self.memo.store(src, _FOLDED.get(src, self._make(src), (self.pack,)))
 
     def panels(self, kernels) -> torch.Tensor:
         """The packed weight (K, N) = ``pack(w)`` as (N, K) transposed, in ``kernels.pack_panels``' layout."""
+        src = self._sources()
+        hit = self.panel_memo.hit(src)
+        if hit is not None:
+            return hit
         packed = self.get()[1]
-
-        def make():
+        memo = self.panel_of
+        if memo is None or memo[0] is not packed:  # packed is private and rebuilt on any change
             p = packed.t() if self.pack is pack_conv1d else packed
-            return kernels.pack_panels(p, _panel_width(p.shape[1]))
-
-        return _PANELS.get((packed,), make)
+            memo = self.panel_of = (packed, kernels.pack_panels(p, _panel_width(p.shape[1])))
+        return self.panel_memo.store(src, memo[1])
 
 
 def _panel_width(n: int) -> int:
@@ -784,6 +795,7 @@ class _LSTMWeights:
         self.params = lstm._parameters
         self.names = [(f"weight_ih_l{i}", f"weight_hh_l{i}", f"bias_ih_l{i}", f"bias_hh_l{i}")
                       for i in range(lstm.num_layers)]
+        self.memo = _cache.Memo()
 
     def get(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         ts = [self.params[n] for names in self.names for n in names]
@@ -793,7 +805,7 @@ class _LSTMWeights:
                 return [(w_ih.t().contiguous(), w_hh.t().contiguous(), b_ih + b_hh)
                         for w_ih, w_hh, b_ih, b_hh in zip(*[iter(ts)] * 4)]
 
-        return _LSTM_T.get(ts, make)
+        return self.memo.get(_LSTM_T, ts, make)
 
 
 def _lstm_pointwise(gates: torch.Tensor, c: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,6 +108,7 @@ class PackedLSTMWeights:
         self.params = lstm._parameters
         self.names = list(lstm._flat_weights_names)
         self.num_layers = lstm.num_layers
+        self.memo = _cache.Memo()
 
     def get(self) -> list[torch.Tensor]:
         ts = tuple(self.params[n] for n in self.names)
@@ -117,7 +118,7 @@ class PackedLSTMWeights:
             with torch.inference_mode(False), torch.no_grad():
                 return extension().pack([t.detach() for t in ts], self.num_layers)
 
-        return _packed_cache.get(ts, make, ("lstm", self.num_layers))
+        return self.memo.get(_packed_cache, ts, make, ("lstm", self.num_layers))
 
 
 def forward_packed(x: torch.Tensor, packed: list[torch.Tensor], h: torch.Tensor, c: torch.Tensor,
