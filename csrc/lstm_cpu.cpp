@@ -123,9 +123,88 @@ inline void with_rows(int r, F&& f) {
 // For R rows a[r] and NU unit blocks w + u * wstride (each K x BW floats, packed [k][gate][16]):
 // acc[r][u][g] = init(r, u, g), then acc += a[r][k] * w[u][k][g] for k = 0, 1, ..., K - 1 (fma); then
 // epi(r, u, acc[r][u]). The same order for every lane, whatever R and NU.
+#if FC_AVX2
+// AVX2: 16 ymm registers hold one row x 3 slices of 8 units x 4 gates (12 partial sums, the weights read as
+// fma operands) or 2 rows x 1 slice (8 partial sums, 4 weights, 2 broadcasts). The R x NU x 4 x 16 lanes
+// are cut into such tiles, each lane summed exactly as below: acc = init, then per KC chunk a partial
+// fma chain over k from zero, added to acc. Zen 2, 2 layers of 512, T750 B1, 1 thread: 286 ms against the
+// portable loops' 1137 ms and ATen's 273 ms (both read W_hh from memory at every step).
+// acc: the kernel's [R][nslices][NG] sums; this tile adds to rows r0.. of slices s0.. (slice s = unit block
+// s / 2, lanes 8 * (s % 2)..).
+template <int RS, int SS>
+inline __attribute__((always_inline)) void gate_tile_avx2(const float* const* a, int64_t K, const float* w,
+                                                          int64_t wstride, int nslices, int r0, int s0,
+                                                          __m256* acc) {
+  const float* ws[SS];
+  for (int s = 0; s < SS; ++s) ws[s] = w + ((s0 + s) / 2) * wstride + ((s0 + s) % 2) * 8;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t k1 = std::min(K, k0 + KC);
+    __m256 part[RS][SS][NG];
+#pragma GCC unroll 4
+    for (int r = 0; r < RS; ++r)
+#pragma GCC unroll 4
+      for (int s = 0; s < SS; ++s)
+#pragma GCC unroll 4
+        for (int g = 0; g < NG; ++g) part[r][s][g] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; ++k) {
+      __m256 av[RS];
+#pragma GCC unroll 4
+      for (int r = 0; r < RS; ++r) av[r] = _mm256_broadcast_ss(a[r0 + r] + k);
+#pragma GCC unroll 4
+      for (int s = 0; s < SS; ++s)
+#pragma GCC unroll 4
+        for (int g = 0; g < NG; ++g) {
+          const __m256 wv = _mm256_loadu_ps(ws[s] + k * BW + g * L);
+#pragma GCC unroll 4
+          for (int r = 0; r < RS; ++r) part[r][s][g] = _mm256_fmadd_ps(av[r], wv, part[r][s][g]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RS; ++r)
+#pragma GCC unroll 4
+      for (int s = 0; s < SS; ++s)
+#pragma GCC unroll 4
+        for (int g = 0; g < NG; ++g) {
+          __m256* p = acc + ((r0 + r) * nslices + s0 + s) * NG + g;
+          *p = _mm256_add_ps(*p, part[r][s][g]);
+        }
+  }
+}
+#endif
+
 template <int R, int NU, class Init, class Epi>
 inline __attribute__((always_inline)) void gate_kernel(const float* const* a, int64_t K, const float* w,
                                                        int64_t wstride, Init&& init, Epi&& epi) {
+#if FC_AVX2
+  constexpr int S = 2 * NU;  // 8-unit slices
+  alignas(32) __m256 acc[R][S][NG];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NU; ++u)
+      for (int g = 0; g < NG; ++g) {
+        const VF v = init(r, u, g);
+        acc[r][2 * u][g] = v.lo;
+        acc[r][2 * u + 1][g] = v.hi;
+      }
+  __m256* ap = &acc[0][0][0];
+  if constexpr (R == 1) {
+    int s0 = 0;
+    for (; s0 + 3 <= S; s0 += 3) gate_tile_avx2<1, 3>(a, K, w, wstride, S, 0, s0, ap);
+    if (S - s0 == 2) gate_tile_avx2<1, 2>(a, K, w, wstride, S, 0, s0, ap);
+    if (S - s0 == 1) gate_tile_avx2<1, 1>(a, K, w, wstride, S, 0, s0, ap);
+  } else {
+    for (int s = 0; s < S; ++s) {
+      int r0 = 0;
+      for (; r0 + 2 <= R; r0 += 2) gate_tile_avx2<2, 1>(a, K, w, wstride, S, r0, s, ap);
+      if (r0 < R) gate_tile_avx2<1, 1>(a, K, w, wstride, S, r0, s, ap);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NU; ++u) {
+      VF v[NG];
+      for (int g = 0; g < NG; ++g) v[g] = {acc[r][2 * u][g], acc[r][2 * u + 1][g]};
+      epi(r, u, v);
+    }
+#else
   VF acc[R][NU][NG], part[R][NU][NG];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -167,6 +246,7 @@ inline __attribute__((always_inline)) void gate_kernel(const float* const* a, in
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int u = 0; u < NU; ++u) epi(r, u, acc[r][u]);
+#endif
 }
 
 // n rows in ceil(n / RMAX) groups of balanced sizes: group i starts at start(i) and has size(i) rows
@@ -512,7 +592,7 @@ std::vector<at::Tensor> pointwise(const at::Tensor& x) {
   return {s, t};
 }
 
-std::string simd() { return FC_AVX512 ? "avx512" : "portable"; }
+std::string simd() { return FC_SIMD_NAME; }
 
 }  // namespace
 
@@ -523,5 +603,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "y (T, B, H) = LSTM(x (T, B, I)); h, c (L, B, H) updated in place to the final state",
         py::arg("x"), py::arg("packed"), py::arg("h"), py::arg("c"), py::arg("out") = py::none());
   m.def("pointwise", &pointwise, "(sigmoid(x), tanh(x)) as the kernel computes them", py::arg("x"));
-  m.def("simd", &simd, "which vector path was compiled: avx512 or portable");
+  m.def("simd", &simd, "which vector path was compiled: avx512, avx2 or portable");
 }

@@ -48,6 +48,22 @@ inline void min_update(VF& best, VI& idx, VF dist, VI c) {
   best.v = _mm512_mask_blend_ps(m, best.v, dist.v);
   idx.v = _mm512_mask_blend_epi32(m, idx.v, c.v);
 }
+#elif FC_AVX2
+struct VI { __m256i lo, hi; };
+inline VI iset1(int32_t x) { const __m256i v = _mm256_set1_epi32(x); return {v, v}; }
+inline void istore(int32_t* p, VI a) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a.lo);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 8), a.hi);
+}
+inline void min_update8(__m256& best, __m256i& idx, __m256 dist, __m256i c) {
+  const __m256 m = _mm256_cmp_ps(dist, best, _CMP_LT_OQ);
+  best = _mm256_blendv_ps(best, dist, m);
+  idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(idx), _mm256_castsi256_ps(c), m));
+}
+inline void min_update(VF& best, VI& idx, VF dist, VI c) {
+  min_update8(best.lo, idx.lo, dist.lo, c.lo);
+  min_update8(best.hi, idx.hi, dist.hi, c.hi);
+}
 #else
 struct VI { int32_t v[L]; };
 inline VI iset1(int32_t x) { VI r; for (int l = 0; l < L; ++l) r.v[l] = x; return r; }
@@ -100,6 +116,28 @@ void for_segments(int64_t r0, int64_t r1, int64_t T, F&& f) {
   }
 }
 
+#if FC_AVX2
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 4; ++i) {  // 32-bit interleave of row pairs
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {  // 64-bit interleave: rows 4i..4i+3 of columns j, j+4 per 128-bit lane
+    r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {  // low 128-bit lanes give column j, high ones column j + 4
+    _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ldd, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+  }
+}
+#endif
+
 // dst[c * ldd + r] = src[r * lds + c] for a 16 x 16 block
 inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
 #if FC_AVX512
@@ -125,6 +163,9 @@ inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) 
     _mm512_storeu_ps(dst + (j + 8) * ldd, _mm512_shuffle_f32x4(v, v2, 0x88));
     _mm512_storeu_ps(dst + (j + 12) * ldd, _mm512_shuffle_f32x4(v, v2, 0xDD));
   }
+#elif FC_AVX2
+  for (int bi = 0; bi < 16; bi += 8)
+    for (int bj = 0; bj < 16; bj += 8) transpose8(src + bi * lds + bj, lds, dst + bj * ldd + bi, ldd);
 #else
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) dst[j * ldd + i] = src[i * lds + j];
@@ -202,6 +243,55 @@ Packed pack_codebooks(const float* cb, const float* norms, int64_t K, int64_t bi
 
 // One chunk of MR codes against one panel of RB rows: dots by fma over d in order, then
 // dist = (|r|^2 - 2 dot) + |e|^2 in audiocraft's association, folded into the running minimum.
+#if FC_AVX2
+// 16 ymm registers hold 4 codes x 24 rows (12 accumulators + 3 row vectors + 1 broadcast code): the chunk
+// goes in four such passes over d, each half of the rows taking its codes in order, so every lane sees the
+// same fma chain and the same sequence of updates as the 8 x 48 kernel below (whose 48 accumulators would
+// spill here). Zen 2, B8 T750 K8, 1 thread: 374 ms against the portable loops' 5.3 s and the reference's 0.78 s.
+inline __m256& half(VF& a, int h) { return h ? a.hi : a.lo; }
+inline __m256i& half(VI& a, int h) { return h ? a.hi : a.lo; }
+inline __m256 half(const VF& a, int h) { return h ? a.hi : a.lo; }
+
+inline void search_chunk(const float* __restrict P, const float* __restrict R, int64_t D,
+                         const float* __restrict en, int32_t c0, const VF* rn, VF* best, VI* idx) {
+  constexpr int RQ = 3, CQ = 4;  // ymm rows, codes per pass
+  static_assert(RB == 2 * RQ * 8 && MR % CQ == 0, "AVX2 search_chunk tiles 48 rows x 8 codes");
+  for (int h = 0; h < 2; ++h) {
+    for (int i0 = 0; i0 < MR; i0 += CQ) {
+      __m256 acc[CQ][RQ];
+#pragma GCC unroll 4
+      for (int i = 0; i < CQ; ++i)
+#pragma GCC unroll 3
+        for (int j = 0; j < RQ; ++j) acc[i][j] = _mm256_setzero_ps();
+      const float* rp = R + h * RQ * 8;
+      const float* e = P + i0;
+      for (int64_t d = 0; d < D; ++d, rp += RB, e += MR) {
+        __m256 r[RQ];
+#pragma GCC unroll 3
+        for (int j = 0; j < RQ; ++j) r[j] = _mm256_loadu_ps(rp + j * 8);
+#pragma GCC unroll 4
+        for (int i = 0; i < CQ; ++i) {
+          const __m256 ei = _mm256_broadcast_ss(e + i);
+#pragma GCC unroll 3
+          for (int j = 0; j < RQ; ++j) acc[i][j] = _mm256_fmadd_ps(ei, r[j], acc[i][j]);
+        }
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < CQ; ++i) {
+        const __m256 ni = _mm256_set1_ps(en[i0 + i]);
+        const __m256i ci = _mm256_set1_epi32(c0 + i0 + i);
+#pragma GCC unroll 3
+        for (int j = 0; j < RQ; ++j) {
+          const int q = h * RQ + j;  // ymm q of the panel: half q % 2 of vector q / 2
+          const __m256 dist =
+              _mm256_add_ps(_mm256_sub_ps(half(rn[q / 2], q % 2), _mm256_add_ps(acc[i][j], acc[i][j])), ni);
+          min_update8(half(best[q / 2], q % 2), half(idx[q / 2], q % 2), dist, ci);
+        }
+      }
+    }
+  }
+}
+#else
 inline void search_chunk(const float* __restrict P, const float* __restrict R, int64_t D,
                          const float* __restrict en, int32_t c0, const VF* rn, VF* best, VI* idx) {
   VF acc[MR][NR];
@@ -232,6 +322,7 @@ inline void search_chunk(const float* __restrict P, const float* __restrict R, i
     }
   }
 }
+#endif
 
 // idx[lane] = nearest code (first index on ties) of each of the RB rows of panel R [D][RB].
 void search_panel(const float* P, const float* en, int64_t nchunks, int64_t D, const float* R, int32_t* idx) {
@@ -567,6 +658,9 @@ inline void few_update(int64_t c0, int64_t bins, const float* nk, const float* r
   VI civ;
 #if FC_AVX512
   civ.v = _mm512_load_si512(ci);
+#elif FC_AVX2
+  civ.lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(ci));
+  civ.hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(ci + 8));
 #else
   for (int l = 0; l < L; ++l) civ.v[l] = ci[l];
 #endif
@@ -598,7 +692,8 @@ inline void few_chunks(const float* fewk, int64_t ch0, int64_t D, int64_t bins, 
 template <int NR>
 void few_layer(const float* fewk, int64_t D, int64_t bins, const float* nk, const float* r, const float* rn, VF* best,
                VI* idx) {
-  constexpr int G = NR <= 6 ? 4 : 2;  // G * NR accumulators + G codes + 1 broadcast <= 32 registers
+  // G * NR accumulators + G codes + 1 broadcast within the registers: 32 zmm, or 16 ymm holding 2 per vector
+  constexpr int G = FC_AVX2 ? (NR == 1 ? 3 : NR == 2 ? 2 : 1) : NR <= 6 ? 4 : 2;
   const int64_t nch = ceil_div(bins, L);
   int64_t ch = 0;
   for (; ch + G <= nch; ch += G) few_chunks<NR, G>(fewk, ch, D, bins, nk, r, rn, best, idx);
@@ -1043,7 +1138,7 @@ std::vector<at::Tensor> kmeans(const at::Tensor& samples, const at::Tensor& mean
   return {means, counts, assign};
 }
 
-std::string simd() { return FC_AVX512 ? "avx512" : "portable"; }
+std::string simd() { return FC_SIMD_NAME; }
 
 // whether encode searches with bf16 candidates + exact float32 re-ranking (same codes, about 2x the rate)
 bool bf16_search_available() { return FC_BF16; }
@@ -1075,7 +1170,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("epsilon"));
   m.def("kmeans", &kmeans, "means, counts, assignment = kmeans(samples, means, num_iters)", py::arg("samples"),
         py::arg("means"), py::arg("num_iters"));
-  m.def("simd", &simd, "which vector path was compiled: avx512 or portable");
+  m.def("simd", &simd, "which vector path was compiled: avx512, avx2 or portable");
   m.def("bf16_search_available", &bf16_search_available, "whether the bf16 candidate search was compiled");
   m.def("set_bf16_search", &set_bf16_search, "turn the bf16 candidate search on/off; returns the old setting",
         py::arg("on"));
