@@ -14,14 +14,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "conv1d_params.h"
 #include "elu_cpu.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vf16.h"  // FC_AVX512 / FC_AVX2 and their intrinsics
 
 namespace {
 
@@ -103,7 +101,7 @@ Plan make_plan(const FcConv1dParams& p, int64_t fixed_tt = 0) {
 // dst[j] = src[j * step] for j < n (step >= 0).
 void copy_strided(const float* src, int64_t step, int64_t n, float* dst) {
   int64_t j = 0;
-#if defined(__AVX512F__)
+#if FC_AVX512
   if (step == 1) {
     for (; j + VL <= n; j += VL) _mm512_storeu_ps(dst + j, _mm512_loadu_ps(src + j));
   } else if (step <= (int64_t)(INT32_MAX / VL)) {
@@ -111,6 +109,10 @@ void copy_strided(const float* src, int64_t step, int64_t n, float* dst) {
                                            _mm512_set1_epi32((int32_t)step));
     for (; j + VL <= n; j += VL) _mm512_storeu_ps(dst + j, _mm512_i32gather_ps(idx, src + j * step, 4));
   }
+#elif FC_AVX2
+  // no gather: vgatherdps is microcoded on Zen 2, no faster than the scalar loop
+  if (step == 1)
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
 #endif
   for (; j < n; ++j) dst[j] = src[j * step];
 }
@@ -169,7 +171,7 @@ struct Prefetch {
     total = lines_per_row * p.c_in;
   }
   void issue(int64_t count) {
-#if defined(__AVX512F__)
+#if FC_AVX512 || FC_AVX2
     for (; count > 0 && next < total; --count, ++next) {
       const int64_t ci = next / lines_per_row, l = next - ci * lines_per_row;
       _mm_prefetch(base + ci * c_stride_bytes + l * 64, _MM_HINT_T1);
@@ -188,7 +190,7 @@ template <int R, int NVEC>
 void micro(const float* __restrict x, const int64_t* __restrict xoff, const float* __restrict w, int64_t nk,
            bool first, bool final, const float* bias, const float* skip, int64_t scs, float* out, int64_t ocs,
            int last) {
-#if defined(__AVX512F__)
+#if FC_AVX512
   const __mmask16 tail = (__mmask16)((1u << last) - 1u);
   __m512 acc[R][NVEC];
   for (int m = 0; m < R; ++m)
@@ -222,6 +224,49 @@ void micro(const float* __restrict x, const int64_t* __restrict xoff, const floa
         _mm512_mask_storeu_ps(o, tail, a);
       }
     }
+#elif FC_AVX2
+  // 16 ymm registers: R x 16 frames at a time (12 accumulators, 2 inputs, 1 weight), the NVEC vectors one after
+  // the other over the same chunk of weights (KC x MR floats, in L1); every lane sums the same fma chain.
+  // Zen 2, 1 thread: 32->16 k3 T240000 46 ms (portable loops 174, oneDNN 130); the deep layers stay at 0.85-0.95x
+  // oneDNN (256->512 k8 s4 T6000: 116 vs 99 ms), where re-reading the packed tile for each 6-channel block is
+  // bound by the L2; the 24 kHz SEANet encoder B1 10 s: 1.23 s against 3.19 s (portable) and 1.73 s (reference).
+  for (int v = 0; v < NVEC; ++v) {
+    __m256 acc[R][2];
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t r = 0; r < nk; ++r) {
+      const float* xr = x + xoff[r] + v * VL;
+      const __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + 8);
+      const float* wr = w + r * MR;
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) {
+        const __m256 wm = _mm256_broadcast_ss(wr + m);
+        acc[m][0] = _mm256_fmadd_ps(wm, x0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(wm, x1, acc[m][1]);
+      }
+    }
+    const int valid = v < NVEC - 1 ? VL : last;
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m)
+      for (int hh = 0; hh < 2; ++hh) {
+        const int lanes = std::min(8, valid - 8 * hh);
+        if (lanes <= 0) break;
+        float* o = out + m * ocs + v * VL + 8 * hh;
+        const float* sk = skip ? skip + m * scs + v * VL + 8 * hh : nullptr;
+        const __m256 b = _mm256_set1_ps(bias ? bias[m] : 0.f);
+        __m256 a = acc[m][hh];
+        if (lanes == 8) {
+          a = _mm256_add_ps(first ? b : _mm256_loadu_ps(o), a);
+          if (final && skip) a = _mm256_add_ps(a, _mm256_loadu_ps(sk));
+          _mm256_storeu_ps(o, a);
+        } else {
+          const __m256i k = fc_vf::first_n8(lanes);
+          a = _mm256_add_ps(first ? b : _mm256_maskload_ps(o, k), a);
+          if (final && skip) a = _mm256_add_ps(a, _mm256_maskload_ps(sk, k));
+          _mm256_maskstore_ps(o, k, a);
+        }
+      }
+  }
 #else
   const int n = (NVEC - 1) * VL + last;
   float acc[R][NVEC * VL] = {};
@@ -663,13 +708,9 @@ at::Tensor elu(const at::Tensor& x, double alpha) {
 
 int64_t block_rows() { return MR; }
 
-bool has_avx512() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool has_avx512() { return FC_AVX512; }
+
+std::string simd() { return FC_SIMD_NAME; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "pack a (c_out, c_in, kernel) weight for conv1d");
@@ -680,4 +721,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("elu", &elu, "vectorised ELU used inside conv1d");
   m.def("block_rows", &block_rows);
   m.def("has_avx512", &has_avx512);
+  m.def("simd", &simd, "which vector path was compiled: avx512, avx2 or portable");
 }

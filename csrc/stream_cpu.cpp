@@ -17,13 +17,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "elu_cpu.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vf16.h"  // FC_AVX512 / FC_AVX2 and their intrinsics
 
 namespace {
 
@@ -44,7 +42,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <int FR, int NV>
 void micro(const float* __restrict x, int64_t xfs, const int32_t* __restrict xoff, const float* __restrict w,
            int64_t nw, int64_t nk, const float* bias, float* out, int64_t ofs, uint32_t mask, bool first) {
-#if defined(__AVX512F__)
+#if FC_AVX512
   __m512 acc[FR][NV];
   for (int f = 0; f < FR; ++f)
     for (int v = 0; v < NV; ++v) acc[f][v] = _mm512_setzero_ps();
@@ -67,6 +65,37 @@ void micro(const float* __restrict x, int64_t xfs, const int32_t* __restrict xof
                                 : _mm512_maskz_loadu_ps(m, o);
       _mm512_mask_storeu_ps(o, m, _mm512_add_ps(base, acc[f][v]));
     }
+#elif FC_AVX2
+  constexpr int NY = 2 * NV;  // ymm per frame
+  __m256 acc[FR][NY];
+  for (int f = 0; f < FR; ++f)
+    for (int v = 0; v < NY; ++v) acc[f][v] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < nk; ++r) {
+    const float* wr = w + r * nw;
+    __m256 wv[NY];
+    for (int v = 0; v < NY; ++v) wv[v] = _mm256_loadu_ps(wr + v * 8);
+    const float* xr = x + xoff[r];
+    for (int f = 0; f < FR; ++f) {
+      const __m256 xb = _mm256_broadcast_ss(xr + f * xfs);
+      for (int v = 0; v < NY; ++v) acc[f][v] = _mm256_fmadd_ps(wv[v], xb, acc[f][v]);
+    }
+  }
+  const int last = __builtin_popcount(mask);  // lanes of the last 16-lane vector
+  for (int f = 0; f < FR; ++f)
+    for (int v = 0; v < NY; ++v) {
+      const int lanes = v < NY - 2 ? 8 : std::min(8, last - 8 * (v - (NY - 2)));
+      if (lanes <= 0) continue;
+      float* o = out + f * ofs + v * 8;
+      if (lanes == 8) {
+        const __m256 base = first ? (bias ? _mm256_loadu_ps(bias + v * 8) : _mm256_setzero_ps()) : _mm256_loadu_ps(o);
+        _mm256_storeu_ps(o, _mm256_add_ps(base, acc[f][v]));
+      } else {
+        const __m256i m = fc_vf::first_n8(lanes);
+        const __m256 base = first ? (bias ? _mm256_maskload_ps(bias + v * 8, m) : _mm256_setzero_ps())
+                                  : _mm256_maskload_ps(o, m);
+        _mm256_maskstore_ps(o, m, _mm256_add_ps(base, acc[f][v]));
+      }
+    }
 #else
   const int lanes = (NV - 1) * VL + __builtin_popcount(mask);
   for (int f = 0; f < FR; ++f)
@@ -82,8 +111,14 @@ void micro(const float* __restrict x, int64_t xfs, const int32_t* __restrict xof
 using MicroFn = void (*)(const float*, int64_t, const int32_t*, const float*, int64_t, int64_t, const float*, float*,
                          int64_t, uint32_t, bool);
 
-// frames per tile for NV vectors: FR * NV accumulators + NV weights + 1 broadcast <= 32 zmm registers
+// frames per tile for NV vectors: FR * NV accumulators + NV weights + 1 broadcast <= 32 zmm registers, or
+// 16 ymm at 2 per vector (NV = 4: the weights are read as fma operands). Zen 2, 1 thread, one 320-sample chunk
+// through the 24 kHz encoder: 6.2 ms against the portable loops' 28.7 ms and the ATen steps' 7.9 ms.
+#if FC_AVX2
+constexpr int kMaxFrames[5] = {0, 6, 2, 1, 1};
+#else
 constexpr int kMaxFrames[5] = {0, 12, 12, 8, 6};
+#endif
 
 template <int NV, int... FR>
 MicroFn pick_fr(int fr, std::integer_sequence<int, FR...>) {
@@ -329,7 +364,10 @@ at::Tensor elu(const at::Tensor& x, double alpha) {
   return out;
 }
 
+std::string simd() { return FC_SIMD_NAME; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("simd", &simd, "which vector path was compiled: avx512, avx2 or portable");
   m.def("pack_panels", &pack_panels, "pack a (K, N) weight in panels of nw output columns");
   m.def("conv_push", &conv_push, "streaming conv step on a time-major state buffer (float32, CPU)");
   m.def("convtr_push", &convtr_push, "streaming transposed conv step with carried overlap (float32, CPU)");
