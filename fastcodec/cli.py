@@ -99,6 +99,9 @@ def _info(args) -> int:
     print(f"fastcodec {__version__}")
     print("versions: " + ", ".join(f"{k} {m[k]}" for k in ("python", "torch", "triton", "numpy")))
     print(f"CPU: {m['cpu_model']} ({m['cpu_count']} logical CPUs), torch threads {m['threads']}")
+    level = _backend.simd_level()
+    print(f"SIMD: {_backend.SIMD_NAMES[level]} (from {_backend.simd_source()}): the C++ kernels take their "
+          f"{_backend.kernel_path(level)} path")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"CUDA device {i}: {torch.cuda.get_device_name(i)} (CUDA {torch.version.cuda})")
@@ -106,10 +109,15 @@ def _info(args) -> int:
         why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         print(f"CUDA: not available ({why})")
     print(f"build cache: {_build.cache_root()}")
+    rc = 0
     forced = {k: v for k, v in os.environ.items() if k.startswith("FASTCODEC_") and k.endswith("BACKEND")}
     if forced:
         print("forced: " + ", ".join(f"{k}={v}" for k, v in sorted(forced.items())))
-    rc = 0
+    problems = _backend.check_environment()
+    for p in problems:
+        print(f"error: {p}")
+    if problems:
+        rc = 1
     try:
         import fastcodec.ops  # noqa: F401  (the ops modules register the backends' probes)
     except Exception as e:
@@ -120,17 +128,48 @@ def _info(args) -> int:
         for dev, bs in devs.items():
             for b, status in bs.items():
                 print(f"  {fam:5} {dev:5} {b:10} {'available' if status == 'available' else 'unavailable: ' + status}")
+    # what runs per family: auto's pick and why (the fused LSTM and the streaming steps follow the conv family)
+    print("in use (family, device, backend: why):")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for fam in _backend.FAMILIES:
+        for dev in devices:
+            print(f"  {fam:5} {dev:5} {_in_use(_backend, fam, dev)}")
+    print("  (the fused LSTM and the streaming steps run with the conv family's backend)")
+    if not torch.cuda.is_available():
+        print(f"  (cuda: {_backend._no_cuda_reason()})")
     # the conv cpp backend also uses the fused LSTM and the streaming steps; each falls back to ATen with a
     # warning when its extension cannot build: say which and why here (builds what is not cached yet)
     print("C++ extensions (name: status):")
     for name in _backend.CPP_EXTENSIONS:
         try:
-            _build.load_named(name)
-            status = "built"
+            ext = _build.load_named(name)
+            status = "built" + (f" ({ext.simd()} path)" if hasattr(ext, "simd") else "")
         except _build.ExtensionBuildError as e:
             status = "unavailable: " + " ".join(str(e).split())
         print(f"  {name:10} {status}")
     return rc
+
+
+def _in_use(_backend, fam: str, dev: str) -> str:
+    """``backend  why`` for one family and device: a forced backend, or auto's pick and what it passed over."""
+    try:
+        want = _backend.requested(fam)
+    except ValueError as e:
+        return f"{'-':10} {e}"
+    if want != "auto":
+        a = _backend.availability(fam, want, dev)
+        return f"{want:10} forced" + ("" if a.ok else f", but it cannot run: {a.reason}")
+    b, passed = _backend.auto_choice(fam, dev)
+    if b is None:
+        return f"{'-':10} nothing can run: " + "; ".join(passed)
+    if b == "cpp" and dev == "cpu":
+        path = _backend.kernel_path(_backend.simd_level())
+        why = f"auto: the C++ kernels' {path} path"
+        if (fam, path) in _backend.CPP_MEASURED:
+            why += f"; measured: {_backend.CPP_MEASURED[fam, path]}"
+    else:
+        why = "auto"
+    return f"{b:10} {why}" + ("; passed over " + "; ".join(passed) if passed else "")
 
 
 def _build(args) -> int:
