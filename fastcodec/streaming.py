@@ -46,7 +46,7 @@ Otherwise (float64, CUDA, ``FASTCODEC_BACKEND=reference``, activations other tha
 the steps run ATen: an im2col GEMM on a view of the buffer, with the chunk's few frames as rows (where
 ``F.conv1d`` is 10x slower and 4x less accurate on the AMD EPYC); ``conv1d_step`` / ``conv_transpose1d_step``
 are that seam (``register_step_builder`` for module classes of its own; a step whose seam was replaced keeps
-ATen). Weight-norm weights are folded and packed once, again only when a parameter's version or storage changes.
+ATen). Weight-norm weights are folded and packed once, again only when a parameter changes (fastcodec._cache).
 
 Cost: a 320-sample chunk of the 24 kHz model reads every float32 weight once (28.3 MiB per direction), so
 B=1 streaming is bound by memory bandwidth. Measured on the shared 2-core AMD EPYC (load average ~3), 1
