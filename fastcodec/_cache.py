@@ -18,7 +18,7 @@ less than rebuilding the derived value (folding + packing read and write it seve
   once, and reading them twice would double it. So each stream checks every fingerprint once, at its first
   chunk; identity, metadata and version counters are still checked at every chunk. A write through ``.data``
   in the middle of a stream is seen by the next stream, not by the running one (documented).
-- values a cache made itself are private (``is_private``): nobody else writes them, so a cache derived from
+- values a cache made itself are private (``mark_private``): nobody else writes them, so a cache derived from
   one (packed panels of a folded weight) trusts it.
 
 Sources on other devices than the CPU are not cached: the value is derived at every call (a fold or a stack
@@ -45,10 +45,6 @@ def mark_private(t: torch.Tensor) -> torch.Tensor:
     """Declare ``t`` a value only fastcodec holds and never writes (a cache's own output)."""
     _private[t] = True
     return t
-
-
-def is_private(t: torch.Tensor) -> bool:
-    return t in _private
 
 
 _epochs = itertools.count(1)
@@ -207,18 +203,3 @@ class Memo:
             extra: tuple = ()):
         v = self.hit(sources)
         return v if v is not None else self.store(sources, cache.get(sources, make, extra))
-
-
-_all_caches: "weakref.WeakSet[TensorCache]" = weakref.WeakSet()
-
-
-def new_cache() -> TensorCache:
-    c = TensorCache()
-    _all_caches.add(c)
-    return c
-
-
-def clear_all() -> None:
-    """Forget every derived value (they are rebuilt on next use). Never needed for correctness."""
-    for c in list(_all_caches):
-        c.clear()

@@ -26,7 +26,7 @@ from .reference.quantization import QuantizedResult
 from .reference.quantization import ResidualVectorQuantizer as _ReferenceRVQ
 
 _warned_dtypes: set = set()
-_CODEBOOKS = _cache.new_cache()
+_CODEBOOKS = _cache.TensorCache()
 
 
 def _check_finite_codebooks(cb: torch.Tensor, first_layer: int = 0) -> None:
@@ -80,12 +80,7 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         memo = self.__dict__.get("_fc_memo")
         if memo is None:
             memo = self.__dict__["_fc_memo"] = _cache.Memo()
-        hit = memo.hit(embeds)
-        if hit is not None:
-            return hit
-        if not _cache.cacheable(embeds):
-            return make()
-        return memo.store(embeds, _CODEBOOKS.get(embeds, make))
+        return memo.get(_CODEBOOKS, embeds, make)
 
     def __getstate__(self):  # the memo holds tensors of this module: never copied or pickled
         return {k: v for k, v in self.__dict__.items() if k != "_fc_memo"}

@@ -192,8 +192,8 @@ def pack_conv_transpose1d(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 1).reshape(weight.shape[0], -1).contiguous()
 
 
-_FOLDED = _cache.new_cache()
-_LSTM_T = _cache.new_cache()
+_FOLDED = _cache.TensorCache()
+_LSTM_T = _cache.TensorCache()
 
 
 class _FoldedWeight:
@@ -227,10 +227,7 @@ class _FoldedWeight:
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (weight, packed weight)."""
         src = self._sources()
-        hit = self.memo.hit(src)
-        if hit is not None:
-            return hit
-        return self.memo.store(src, _FOLDED.get(src, self._make(src), (self.pack,)))
+        return self.memo.get(_FOLDED, src, self._make(src), (self.pack,))
 
     def panels(self, kernels) -> torch.Tensor:
         """The packed weight (K, N) = ``pack(w)`` as (N, K) transposed, in ``kernels.pack_panels``' layout."""

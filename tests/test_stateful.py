@@ -389,7 +389,7 @@ def test_seanet_non_float32_warns():
 def test_fingerprint_sees_data_writes_and_trusting_skips_them():
     from fastcodec import _cache
 
-    c = _cache.new_cache()
+    c = _cache.TensorCache()
     w = torch.randn(64)
     calls = []
 

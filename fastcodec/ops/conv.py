@@ -176,8 +176,8 @@ IMPLS["reference"] = conv1d_reference
 # ---------------------------------------------------------------------------------------------
 
 
-_packed_cache = _cache.new_cache()
-_folded_cache = _cache.new_cache()
+_packed_cache = _cache.TensorCache()
+_folded_cache = _cache.TensorCache()
 
 
 def weight_norm_weight(weight_v: torch.Tensor, weight_g: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -205,13 +205,6 @@ def _packed_weight_transposed(weight: torch.Tensor, stride: int) -> torch.Tensor
     ext = _cpu_ext()
     return _packed_cache.get((weight,), lambda: ext.pack_weight(ext.polyphase_weight(weight.detach(), stride)),
                              ("transposed", stride))
-
-
-def clear_weight_caches() -> None:
-    """Forget packed and folded weights (they are rebuilt on next use). Never needed for correctness: every
-    entry is checked against its sources' identity, version and bytes (fastcodec/_cache.py)."""
-    _packed_cache.clear()
-    _folded_cache.clear()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .conv import _check_tensor, _describe
 EXTENSION = "lstm_cpu"
 
 _ext: Optional[ModuleType] = None
-_packed_cache = _cache.new_cache()
+_packed_cache = _cache.TensorCache()
 _probe_lock = threading.Lock()
 _probe_result: Optional[_backend.Availability] = None
 _warned = False
