@@ -487,6 +487,15 @@ def _other_cells() -> list[Cell]:
 
 TABLE: list[Cell] = _op_cells() + _geometry_cells() + _kernel_cells() + _module_cells() + _other_cells()
 IDS = [c.id for c in TABLE]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Cells are tiny: one thread avoids thread-pool wake-ups that cost 20x more than the work on a loaded host."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 assert len(set(IDS)) == len(IDS), "duplicate cell ids"
 
 
