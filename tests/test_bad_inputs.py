@@ -165,6 +165,25 @@ def _ema_fast(**kw):
     return kw["cluster_size"], kw["embed_avg"], kw["embed"]
 
 
+def _lstm_base():
+    torch.manual_seed(0)
+    w = [t.detach().clone() for t in torch.nn.LSTM(3, 4, 2)._flat_weights]
+    return dict(x=_g(5, B, 3), w0=w[0], rest=w[1:], num_layers=2)
+
+
+def _lstm(fn):
+    def call(x, w0, rest, num_layers):
+        with torch.no_grad():
+            return fn(x, [w0] + rest, num_layers)
+    return call
+
+
+def _lstm_ref(x, weights, num_layers):
+    from fastcodec.seanet import _lstm_impl
+
+    return _lstm_impl(x, weights, num_layers)
+
+
 OPS = {
     "fastcodec::conv1d": (_conv_base, lambda **kw: torch.ops.fastcodec.conv1d(**kw), C.conv1d_reference,
                           ("x", "weight", "bias")),
@@ -178,6 +197,7 @@ OPS = {
                               ("codes", "codebooks")),
     "fastcodec::ema_update": (_ema_base, _ema_fast, _ema_ref, ("residuals", "codes", "cluster_size", "embed_avg",
                                                                "embed")),
+    "fastcodec::lstm": (_lstm_base, _lstm(torch.ops.fastcodec.lstm), _lstm(_lstm_ref), ("x", "w0")),
     "fastcodec::kmeans": (_kmeans_base, lambda **kw: torch.ops.fastcodec.kmeans(**kw), Q._kmeans_ref,
                           ("samples", "means")),
 }
@@ -194,6 +214,10 @@ REF_CELLS = {
     ("fastcodec::kmeans", "samples: non-contiguous"), ("fastcodec::kmeans", "samples: stride-0 view"),
     ("fastcodec::kmeans", "means: non-contiguous"), ("fastcodec::kmeans", "means: stride-0 view"),
 }
+REF_CELLS |= {("fastcodec::lstm", f"{a}: {c}") for a in ("x", "w0")
+              for c in ("non-contiguous", "stride-0 view", "NaN", "Inf")}
+# how the error names an argument the table spells differently (the LSTM's first weight is weights[0])
+OP_ERROR_NAME = {"w0": r"weights(\[0\])?|w_ih_l0"}
 # NaN/Inf flow through arithmetic ops exactly as in the reference (the conv is linear; the EMA averages)
 for _e in ("fastcodec::rvq_encode", "fastcodec::rvq_quantize"):
     for _a in ("codebooks", "code_norms"):
@@ -222,7 +246,7 @@ def _op_cells() -> list[Cell]:
             cases = CODE_CASES if base()[arg].dtype == torch.long else FLOAT_CASES
             for case, fn in cases:
                 name = f"{arg}: {case}"
-                expect = arg
+                expect = OP_ERROR_NAME.get(arg, arg)
                 if (entry, name) in REF_CELLS:
                     expect = "in-range" if entry in ("fastcodec::rvq_encode", "fastcodec::rvq_quantize") else "=ref"
 
@@ -263,6 +287,12 @@ def _geometry_cells() -> list[Cell]:
                               lambda a=arg, v=v: convtr(**{a: v}), True))
     cells.append(Cell("fastcodec::conv_transpose1d", "trims eat the whole output", "trims",
                       lambda: convtr(trim_left=20, trim_right=20)))
+    lstm = lambda **kw: _lstm(torch.ops.fastcodec.lstm)(**{**_lstm_base(), **kw})  # noqa: E731
+    cells.append(Cell("fastcodec::lstm", "num_layers = 0", "num_layers", lambda: lstm(num_layers=0), True))
+    cells.append(Cell("fastcodec::lstm", "num_layers = 2**40", "num_layers|weights", lambda: lstm(num_layers=BIG),
+                      True))
+    cells.append(Cell("fastcodec::lstm", "one weight missing", "weights", lambda: lstm(rest=_lstm_base()["rest"][:-1])))
+    cells.append(Cell("fastcodec::lstm", "x of the wrong input size", "x", lambda: lstm(x=_g(5, B, 2))))
     km = lambda **kw: torch.ops.fastcodec.kmeans(**{**_kmeans_base(), **kw})  # noqa: E731
     cells.append(Cell("fastcodec::kmeans", "num_iters = -1", "num_iters", lambda: km(num_iters=-1), True))
     cells.append(Cell("fastcodec::kmeans", "num_iters = 2**40", "num_iters", lambda: km(num_iters=BIG), True))
