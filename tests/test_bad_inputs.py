@@ -271,7 +271,7 @@ def _geometry_cells() -> list[Cell]:
     cells.append(Cell("fastcodec::conv1d", "dilation*(K-1) past int32, padded to fit", "dilation",
                       lambda: conv(dilation=2**30, pad_left=2**31, pad_right=0), True))
     cells.append(Cell("fastcodec::conv1d", "stride > padded input (one frame)", "=ref",
-                      lambda: (conv(stride=10**6), C.conv1d_reference(**{**_conv_base(), "stride": 10**6}))))
+                      lambda: (conv(stride=60_000), C.conv1d_reference(**{**_conv_base(), "stride": 60_000}))))
     cells.append(Cell("fastcodec::conv1d", "pad_mode = 'circular'", "pad_mode", lambda: conv(pad_mode="circular")))
     cells.append(Cell("fastcodec::conv1d", "elu_alpha = NaN", "elu_alpha", lambda: conv(elu_alpha=float("nan"))))
     cells.append(Cell("fastcodec::conv1d", "T shorter than the kernel span, no padding", "kernel span",
@@ -587,7 +587,7 @@ def render() -> str:
         "`CheckpointError`, a `ValueError`) whose message names `a`; torch's own schema check and the C++ kernels'",
         "checks raise `RuntimeError`s that name the argument too. \"= reference\": the result equals",
         "`fastcodec.reference` on the same input. Integer geometry (strides, dilations, paddings, trims, kernel",
-        "span) is limited to 2**20 and refused before any work; kmeans runs at most 10 000 iterations.",
+        "span) is limited to 2**16 and refused before any work; kmeans runs at most 10 000 iterations.",
         "The \"other device\" rows use a `meta` tensor next to CPU ones (this machine has no CUDA); the C++ rows hand",
         "a non-CPU tensor to the CPU kernels directly, below the op layer that routes by device.",
         "",

@@ -6,10 +6,11 @@ import torch
 
 from ..reference import functional as Fq
 
-# Largest stride, dilation, padding, trim or kernel span the ops accept: far beyond any codec layer
-# (SEANet strides <= 8, spans < 100), and small enough that work buffers sized by these integers
-# (phase tables, packed rows, polyphase weights) stay bounded whatever a caller passes.
-MAX_GEOMETRY = 2**20
+# Largest stride, dilation, padding, trim or kernel span the ops accept: far beyond any codec layer (SEANet
+# strides <= 8, spans < 100), and small enough that the work buffers these integers size (the conv's packed rows
+# hold c_in x (tile + span / stride) floats, the polyphase weight c_out x stride x c_in x ceil(K / stride)) stay
+# bounded whatever a caller passes: 65536 x 512 channels x 4 bytes = 128 MiB at most per thread.
+MAX_GEOMETRY = 2**16
 # Most Lloyd iterations kmeans runs (audiocraft and encodec use 50): a hostile count must not hang.
 MAX_KMEANS_ITERS = 10_000
 
