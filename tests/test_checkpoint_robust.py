@@ -1,9 +1,10 @@
 """Checkpoint files under attack and corruption: malicious pickles, truncation, bit flips, NaN, stream states.
 
 torch.load checks no CRC in a zip checkpoint (measured: 2128 of 3797 single-bit flips of a small ``.th`` loaded
-different tensors silently), so ``read_state_dict`` verifies every member's CRC-32 and that each loaded storage is
-the bytes of a checksummed member. Measured over every byte of that file with one flipped bit each: 3058 raise
-``CheckpointError``, 739 load the identical tensors (flips in bytes no reader uses), none load different data.
+different tensors silently), so ``read_state_dict`` verifies the CRC-32 of the archive's small members (pickle, version) and
+that each loaded tensor's storage has the CRC-32 of a member (read once: +0.35 s on torch.load's ~1 s for the
+89 MiB 24 kHz model on a loaded 2-vCPU host). Measured over every byte of that file with one flipped bit each: 3034 raise
+``CheckpointError``, 763 load the identical tensors (flips in bytes no reader uses), none load different data.
 """
 from __future__ import annotations
 
@@ -93,6 +94,18 @@ def test_flipped_tensor_byte_names_the_tensor(th):
         blob = z.read(info)
     offset = bytes(data).index(blob)
     data[offset + 5] ^= 0x01  # a low mantissa bit: a finite value, invisible to any NaN check
+    th.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"tensor a\.weight.*CRC-32"):
+        read_state_dict(th)
+
+
+def test_64_corrupted_bytes_inside_a_tensor(th):
+    """The issue's case: 64 bytes overwritten inside a tensor's data used to load silently."""
+    data = bytearray(th.read_bytes())
+    with zipfile.ZipFile(th) as z:
+        blob = z.read(next(i for i in z.infolist() if i.filename.endswith("data/0")))
+    offset = bytes(data).index(blob) + 100
+    data[offset:offset + 64] = bytes(range(64))
     th.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"tensor a\.weight.*CRC-32"):
         read_state_dict(th)
