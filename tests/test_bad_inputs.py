@@ -12,6 +12,7 @@ tensor to the C++ kernels themselves (the op layer routes by device before any k
 """
 from __future__ import annotations
 
+import copy
 import faulthandler
 import re
 import time
@@ -222,7 +223,8 @@ OP_ERROR_NAME = {"w0": r"weights(\[0\])?|w_ih_l0"}
 for _e in ("fastcodec::rvq_encode", "fastcodec::rvq_quantize"):
     for _a in ("codebooks", "code_norms"):
         REF_CELLS |= {(_e, f"{_a}: NaN"), (_e, f"{_a}: Inf")}
-for _e, _a in (("fastcodec::rvq_decode", "codebooks"), ("fastcodec::conv1d", "x"), ("fastcodec::conv1d", "weight"), ("fastcodec::conv1d", "bias"),
+for _e, _a in (("fastcodec::rvq_decode", "codebooks"), ("fastcodec::conv1d", "x"), ("fastcodec::conv1d", "weight"),
+               ("fastcodec::conv1d", "bias"),
                ("fastcodec::conv_transpose1d", "x"), ("fastcodec::conv_transpose1d", "weight"),
                ("fastcodec::conv_transpose1d", "bias")):
     REF_CELLS |= {(_e, f"{_a}: NaN"), (_e, f"{_a}: Inf")}
@@ -360,6 +362,8 @@ def _pair(name: str):
 def _module_call(name, method, train=False):
     def call(which, arg):
         m = _pair(name)[which]
+        if train:  # a training call updates the codebooks: each cell starts from the same fresh copy
+            m = copy.deepcopy(m)
         m.train(train)
         try:
             if train:
@@ -375,6 +379,21 @@ def _module_call(name, method, train=False):
     return call
 
 
+def _codec_stream(kind, which, args):
+    """The fast model streamed (one chunk, then flush) against the reference model offline."""
+    (t,) = args
+    fast, ref = _pair("model")
+    if kind == "encode":
+        if which == 1:
+            return ref.encode(t)[0][0]
+        state = fast.encode_state(B)
+        return torch.cat([fast.stream_encode(t, state)[0], fast.stream_encode_flush(state)], -1)
+    if which == 1:
+        return ref.decode([(t, None)])
+    state = fast.decode_state(B)
+    return torch.cat([fast.stream_decode(t, state)[0], fast.stream_decode_flush(state)], -1)
+
+
 # entry -> (argument name, base input, call(which, args) with which 0 = fast / 1 = reference, build args)
 MODULES = {
     "ResidualVectorQuantizer.encode": ("x", lambda: _g(B, D, T), _module_call("rvq", "encode"), lambda t: (t,)),
@@ -382,6 +401,12 @@ MODULES = {
                                        lambda t: (t,)),
     "ResidualVectorQuantizer.forward (eval)": ("x", lambda: _g(B, D, T), _module_call("rvq", None),
                                                lambda t: (t, 100.0)),
+    "ResidualVectorQuantizer.forward (train)": ("x", lambda: _g(B, D, T), _module_call("rvq", None, train=True),
+                                                lambda t: (t, 100.0)),
+    "EncodecModel.stream_encode": ("chunk", lambda: _g(B, 1, 16), lambda w, a: _codec_stream("encode", w, a),
+                                   lambda t: (t,)),
+    "EncodecModel.stream_decode": ("codes", lambda: _dec_base()["codes"], lambda w, a: _codec_stream("decode", w, a),
+                                   lambda t: (t,)),
     "SEANetEncoder": ("x", lambda: _g(B, 1, 16), _module_call("encoder", None), lambda t: (t,)),
     "SEANetDecoder": ("x", lambda: _g(B, D, 4), _module_call("decoder", None), lambda t: (t,)),
     "EncodecModel.encode": ("x", lambda: _g(B, 1, 16), _module_call("model", "encode"), lambda t: (t,)),
@@ -397,7 +422,8 @@ MODULE_REF_CELLS: set[tuple[str, str]] = {
     (e, f"{a}: {c}") for e, a in (("SEANetEncoder", "x"), ("SEANetDecoder", "x"), ("EncodecModel.decode_latent", "z"))
     for c in ("NaN", "Inf")}
 # what the error calls the argument when it is not the parameter's name
-MODULE_ERROR_NAME = {"EncodecModel.encode": "audio|x", "EncodecModel.decode_latent": "z|x"}
+MODULE_ERROR_NAME = {"EncodecModel.encode": "audio|x", "EncodecModel.stream_encode": "audio|chunk",
+                     "EncodecModel.decode_latent": "z|x"}
 
 
 def _module_cells() -> list[Cell]:
@@ -593,12 +619,10 @@ def render() -> str:
         "",
         f"{len(TABLE)} cells.",
     ]
-    entry = None
-    for c in TABLE:
-        if c.entry != entry:
-            entry = c.entry
-            lines += ["", f"## `{entry}`", "", "| input | outcome |", "|---|---|"]
-        lines.append(f"| {c.case} | {c.outcome} |")
+    entries = list(dict.fromkeys(c.entry for c in TABLE))
+    for entry in entries:
+        lines += ["", f"## `{entry}`", "", "| input | outcome |", "|---|---|"]
+        lines += [f"| {c.case} | {c.outcome} |" for c in TABLE if c.entry == entry]
     return "\n".join(lines) + "\n"
 
 
