@@ -87,8 +87,6 @@ def check_ema(residuals, codes, cluster_size, embed_avg, embed, decay, epsilon) 
     if residuals.dim() != 4 or residuals.shape[0] != K or residuals.shape[2] != D:
         raise ValueError(f"residuals must be ({K}, batch, {D}, time), got {_name(residuals)}")
     B, T = residuals.shape[1], residuals.shape[3]
-    if residuals.numel() == 0:
-        raise ValueError(f"residuals is empty: {_name(residuals)} (batch and time must be >= 1)")
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype != torch.long or tuple(codes.shape) != (B, K, T):
