@@ -34,7 +34,9 @@ if PROFILE not in ("ci", "full"):
     raise ValueError(f"FASTCODEC_FUZZ must be ci or full, got {PROFILE!r}")
 _common = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("fastcodec-ci", max_examples=12, derandomize=True, **_common)
-settings.register_profile("fastcodec-full", max_examples=10_000, **_common)
+# FASTCODEC_FUZZ_EXAMPLES overrides the full profile's count (e.g. to measure the rate with a shorter run)
+settings.register_profile("fastcodec-full", max_examples=int(os.environ.get("FASTCODEC_FUZZ_EXAMPLES", 10_000)),
+                          **_common)
 FUZZ = settings.get_profile(f"fastcodec-{PROFILE}")
 
 U = 2.0**-24
