@@ -182,8 +182,8 @@ SANITIZERS = ("address", "undefined")
 
 def sanitize_flags() -> tuple[list[str], list[str]]:
     """(cflags, ldflags) for ``FASTCODEC_SANITIZE`` (e.g. ``address,undefined``): ASan/UBSan builds of the C++
-    extensions, for the bad-input and fuzz suites (docs/reliability.md has the command; ASan needs
-    ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)`` since python itself is not instrumented)."""
+    extensions, for the bad-input and fuzz suites (docs/reliability.md has the command: python is not instrumented,
+    so ASan's runtime and libstdc++ must be preloaded with ``LD_PRELOAD``)."""
     want = [s.strip() for s in os.environ.get("FASTCODEC_SANITIZE", "").split(",") if s.strip()]
     bad = [s for s in want if s not in SANITIZERS]
     if bad:

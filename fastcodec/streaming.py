@@ -505,8 +505,10 @@ class CodecStreamState:
             raise ValueError("codec stream state_dict lacks samples_in/samples_out")
         samples_in = _saved_counter(state_dict, "samples_in", 0)
         samples_out = _saved_counter(state_dict, "samples_out", 0, samples_in)
-        for part in ("encoder", "decoder"):
-            sub = {k[len(part) + 1:]: v for k, v in state_dict.items() if k.startswith(part + ".")}
+        subs = {part: {k[len(part) + 1:]: v for k, v in state_dict.items() if k.startswith(part + ".")}
+                for part in ("encoder", "decoder")}
+        self.decoder.copy().load_state_dict(subs["decoder"])  # validate both halves before changing either
+        for part, sub in subs.items():
             getattr(self, part).load_state_dict(sub)
         self.samples_in = samples_in
         self.samples_out = samples_out
