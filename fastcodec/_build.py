@@ -177,6 +177,27 @@ def _lock_exclusive(lock, name: str, bdir: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
 
 
+SANITIZERS = ("address", "undefined")
+
+
+def sanitize_flags() -> tuple[list[str], list[str]]:
+    """(cflags, ldflags) for ``FASTCODEC_SANITIZE`` (e.g. ``address,undefined``): ASan/UBSan builds of the C++
+    extensions, for the bad-input and fuzz suites (docs/reliability.md has the command: python is not instrumented,
+    so ASan's runtime and libstdc++ must be preloaded with ``LD_PRELOAD``)."""
+    want = [s.strip() for s in os.environ.get("FASTCODEC_SANITIZE", "").split(",") if s.strip()]
+    bad = [s for s in want if s not in SANITIZERS]
+    if bad:
+        raise ValueError(f"FASTCODEC_SANITIZE: unknown sanitizer(s) {bad}; use a comma list of {SANITIZERS}")
+    if not want:
+        return [], []
+    san = "-fsanitize=" + ",".join(sorted(set(want)))
+    # -O1 -g: readable reports; no recovery, so any UBSan finding aborts the run instead of scrolling past
+    cflags = [san, "-fno-omit-frame-pointer", "-g", "-O1"]
+    if "undefined" in want:
+        cflags.append("-fno-sanitize-recover=undefined")
+    return cflags, [san]
+
+
 def load_extension(
     name: str,
     sources: list[str],
@@ -204,6 +225,12 @@ def load_extension(
             raise ExtensionBuildError(_failed[name])
         cflags = DEFAULT_CFLAGS + list(extra_cflags or [])
         ldflags = DEFAULT_LDFLAGS + list(extra_ldflags or [])
+        try:
+            san_c, san_l = sanitize_flags()
+        except ValueError as e:
+            _failed[name] = str(e)
+            raise ExtensionBuildError(str(e)) from e
+        cflags, ldflags = cflags + san_c, ldflags + san_l  # part of the build key: a distinct build directory
         bdir = Path()
         if verbose is None:
             verbose = os.environ.get("FASTCODEC_VERBOSE_BUILD", "") == "1"

@@ -40,6 +40,7 @@ def read_state_dict(path: tp.Union[str, os.PathLike]) -> dict[str, torch.Tensor]
             return dict(load_file(path, device="cpu"))
         except Exception as e:
             raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
+    zip_crcs = _verify_zip(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -48,7 +49,55 @@ def read_state_dict(path: tp.Union[str, os.PathLike]) -> dict[str, torch.Tensor]
             "(it is corrupt, not a torch file, or holds pickled objects other than tensors, which "
             "fastcodec refuses to unpickle; save just the state_dict)"
         ) from e
-    return _unwrap(obj, path)
+    state = _unwrap(obj, path)
+    if zip_crcs is not None:
+        _check_storages(path, state, zip_crcs)
+    return state
+
+
+_STORAGE_RECORD = re.compile(r"(^|/)data/\d+$")
+
+
+def _verify_zip(path: str) -> tp.Optional[set[int]]:
+    """CRC-32 check of a zip checkpoint's small members (the pickle, version, byte order: torch.load checks no CRC,
+    and a flipped bit there can load different tensors silently). The tensors' own records are checked after the
+    load by ``_check_storages``, on the bytes torch read, so the data is read once. Returns every member's CRC, or
+    None for a legacy (non-zip) file, which has no checksum."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if _STORAGE_RECORD.search(info.filename):
+                    continue
+                try:
+                    z.read(info)  # zipfile checks the CRC-32 of what it read
+                except zipfile.BadZipFile as e:
+                    raise CheckpointError(f"checkpoint {path} is corrupt: zip member {info.filename}: {e}") from e
+            return {info.CRC for info in z.infolist()}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt zip archive ({type(e).__name__}: {e})") from e
+
+
+def _check_storages(path: str, state: dict[str, torch.Tensor], crcs: set[int]) -> None:
+    """Every storage torch.load returned must have the CRC-32 of a member of the archive: a tensor whose bytes were
+    corrupted (or read from elsewhere, after a flipped bit in the central directory) is named."""
+    import zlib
+
+    seen = set()
+    for k, v in state.items():
+        st = v.untyped_storage()
+        if st.data_ptr() in seen or st.nbytes() == 0:
+            continue
+        seen.add(st.data_ptr())
+        raw = torch.empty(0, dtype=torch.uint8).set_(st).numpy()
+        if zlib.crc32(raw) & 0xFFFFFFFF not in crcs:
+            raise CheckpointError(f"checkpoint {path} is corrupt: tensor {k} fails the CRC-32 check of the archive "
+                                  "(its bytes differ from what was saved)")
 
 
 def _unwrap(obj: tp.Any, path: str) -> dict[str, torch.Tensor]:
@@ -123,7 +172,16 @@ def load_checkpoint(model: nn.Module, source: tp.Union[str, os.PathLike, tp.Mapp
 
     Raises ``CheckpointError`` naming missing, unexpected or misshapen keys, and any tensor that holds NaN/Inf.
     """
-    state = read_state_dict(source) if isinstance(source, (str, os.PathLike)) else dict(source)
+    if isinstance(source, (str, os.PathLike)):
+        state = read_state_dict(source)
+    elif isinstance(source, tp.Mapping):
+        state = dict(source)
+    else:
+        raise TypeError(f"source must be a path (str or os.PathLike) or a state_dict mapping, "
+                        f"got {type(source).__name__}")
+    bad_keys = [k for k in state if not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(f"state_dict keys must be str, got {bad_keys[:3]!r}")
     state = convert_state_dict(state, model)
     check_state_dict(model, state, strict=strict)
     model.load_state_dict(state, strict=strict)

@@ -43,6 +43,7 @@ def _lstm_impl(x: torch.Tensor, weights: list[torch.Tensor], num_layers: int) ->
 @torch.library.custom_op("fastcodec::lstm", mutates_args=())
 def lstm_op(x: torch.Tensor, weights: list[torch.Tensor], num_layers: int) -> torch.Tensor:
     """Multi-layer unidirectional LSTM from zero state. x: (T, B, C) -> (T, B, hidden)."""
+    lstm_ops.check_lstm_args(x, weights, num_layers)
     if lstm_ops.use_cpp(x):  # the fused C++ LSTM (forward only; the backward recomputes with ATen)
         return lstm_ops.lstm_cpu(x, weights, num_layers)
     return _lstm_impl(x, weights, num_layers).clone()
@@ -50,6 +51,7 @@ def lstm_op(x: torch.Tensor, weights: list[torch.Tensor], num_layers: int) -> to
 
 @lstm_op.register_fake
 def _(x, weights, num_layers):
+    lstm_ops.check_lstm_args(x, weights, num_layers)
     return x.new_empty((x.shape[0], x.shape[1], weights[1].shape[1]))
 
 

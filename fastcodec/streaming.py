@@ -295,6 +295,66 @@ def _out_view(slots: _Slots, idx: int, like: torch.Tensor, channels: int, frames
     return view
 
 
+# Largest counter a loaded stream state may hold (int64 arithmetic on positions must not overflow).
+_MAX_COUNTER = 2**62
+# Buffers whose time axis varies with the stream (a conv's input window, a residual block's unmatched frames);
+# every other state tensor has a fixed shape set by the module.
+_GROWING = ("buf", "pend_a", "pend_b")
+
+
+def _saved_counter(state_dict, name: str, low: int, high: int = _MAX_COUNTER) -> int:
+    v = state_dict[name]
+    if not isinstance(v, torch.Tensor) or v.numel() != 1 or v.dtype.is_floating_point or v.dtype.is_complex:
+        raise ValueError(f"stream state_dict: {name} must be an integer scalar tensor, got "
+                         f"{type(v).__name__ if not isinstance(v, torch.Tensor) else f'{tuple(v.shape)} {v.dtype}'}")
+    n = int(v)
+    if not low <= n <= high:
+        raise ValueError(f"stream state_dict: {name} must be in [{low}, {high}], got {n}")
+    return n
+
+
+def _check_saved_slot(state_dict, i: int, slot: "_Slot", batch: int) -> None:
+    """Validate step i's saved fields against the live slot before anything is copied: shapes, dtypes, finite
+    values, counters in range, and the invariants the steps rely on (a window inside its buffer, the residual
+    bookkeeping). A state that passes cannot make a step index out of bounds; a consistent but fabricated one
+    gives a wrong stream, not a crash."""
+    vals = {}
+    for k, v in vars(slot).items():
+        name = f"slots.{i}.{k}"
+        saved = state_dict[name]
+        if isinstance(v, torch.Tensor):
+            if not isinstance(saved, torch.Tensor) or saved.is_floating_point() != v.is_floating_point():
+                raise ValueError(f"stream state_dict: {name} must be a {v.dtype} tensor, got "
+                                 f"{saved.dtype if isinstance(saved, torch.Tensor) else type(saved).__name__}")
+            if saved.dim() >= 1 and saved.shape[0] != batch:
+                raise ValueError(f"stream state_dict: batch_size is {batch} but {name} holds {saved.shape[0]} "
+                                 "stream(s)")
+            fixed = k not in _GROWING
+            if (saved.dim() != v.dim() or saved.shape[0] != batch or saved.shape[1:-1] != v.shape[1:-1]
+                    or (fixed and saved.shape[-1] != v.shape[-1])):
+                tail = str(v.shape[-1]) if fixed else "..."
+                raise ValueError(f"stream state_dict: {name} has shape {tuple(saved.shape)}, "
+                                 f"expected ({', '.join(map(str, (batch,) + tuple(v.shape[1:-1])))}, {tail})")
+            if saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+                raise ValueError(f"stream state_dict: {name} holds NaN/Inf (a corrupt state)")
+            vals[k] = saved
+        else:
+            vals[k] = _saved_counter(state_dict, name, 0, 1 if isinstance(v, bool) else _MAX_COUNTER)
+    if "buf" in vals and vals["start"] + vals["n"] > vals["buf"].shape[-1]:
+        raise ValueError(f"stream state_dict: slots.{i}: window start {vals['start']} + n {vals['n']} exceeds the "
+                         f"buffer's {vals['buf'].shape[-1]} samples")
+    if "buf" in vals and vals["emitted"] > vals["total"]:
+        raise ValueError(f"stream state_dict: slots.{i}: emitted {vals['emitted']} frames from {vals['total']} samples")
+    if "pending" in vals and vals["skip"] > vals["pending"].shape[-1]:
+        raise ValueError(f"stream state_dict: slots.{i}.skip {vals['skip']} exceeds the overlap "
+                         f"{vals['pending'].shape[-1]}")
+    if "unmatched" in vals:
+        a, b = vals["pend_a"].shape[-1], vals["pend_b"].shape[-1]
+        if min(a, b) != 0 or vals["unmatched"] != a + b:
+            raise ValueError(f"stream state_dict: slots.{i}: unmatched {vals['unmatched']} does not fit the pending "
+                             f"frames ({a}, {b})")
+
+
 class StreamState:
     """The state of a batch of streams through one module (see the module docstring).
 
@@ -383,19 +443,19 @@ class StreamState:
         if missing or unexpected:
             raise ValueError(f"stream state_dict does not match this module's plan: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
-        batch = int(state_dict["batch_size"])
+        batch = _saved_counter(state_dict, "batch_size", 1)
+        finished = _saved_counter(state_dict, "finished", 0, 1)
+        for i, slot in enumerate(self.slots):  # validate everything first: a bad file leaves the state as it was
+            _check_saved_slot(state_dict, i, slot, batch)
         for i, slot in enumerate(self.slots):
             for k, v in list(vars(slot).items()):
                 saved = state_dict[f"slots.{i}.{k}"]
                 if isinstance(v, torch.Tensor):
-                    if saved.dim() != v.dim() or saved.shape[0] != batch or saved.shape[1:-1] != v.shape[1:-1]:
-                        raise ValueError(f"stream state_dict: slots.{i}.{k} has shape {tuple(saved.shape)}, "
-                                         f"expected ({batch}, {', '.join(map(str, v.shape[1:-1]))}, ...)")
                     setattr(slot, k, saved.to(device=v.device, dtype=v.dtype, copy=True))
                 else:
                     setattr(slot, k, type(v)(int(saved)))
         self.batch_size = batch
-        self.finished = bool(int(state_dict["finished"]))
+        self.finished = bool(finished)
         self.trust_epoch = _cache.new_epoch()
         return self
 
@@ -441,13 +501,17 @@ class CodecStreamState:
         return out
 
     def load_state_dict(self, state_dict: tp.Mapping[str, torch.Tensor]) -> "CodecStreamState":
-        for part in ("encoder", "decoder"):
-            sub = {k[len(part) + 1:]: v for k, v in state_dict.items() if k.startswith(part + ".")}
-            getattr(self, part).load_state_dict(sub)
         if "samples_in" not in state_dict or "samples_out" not in state_dict:
             raise ValueError("codec stream state_dict lacks samples_in/samples_out")
-        self.samples_in = int(state_dict["samples_in"])
-        self.samples_out = int(state_dict["samples_out"])
+        samples_in = _saved_counter(state_dict, "samples_in", 0)
+        samples_out = _saved_counter(state_dict, "samples_out", 0, samples_in)
+        subs = {part: {k[len(part) + 1:]: v for k, v in state_dict.items() if k.startswith(part + ".")}
+                for part in ("encoder", "decoder")}
+        self.decoder.copy().load_state_dict(subs["decoder"])  # validate both halves before changing either
+        for part, sub in subs.items():
+            getattr(self, part).load_state_dict(sub)
+        self.samples_in = samples_in
+        self.samples_out = samples_out
         return self
 
     def nbytes(self) -> int:

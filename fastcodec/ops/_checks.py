@@ -6,9 +6,30 @@ import torch
 
 from ..reference import functional as Fq
 
+# Largest stride, dilation, padding, trim or kernel span the ops accept: far beyond any codec layer (SEANet
+# strides <= 8, spans < 100), and small enough that the work buffers these integers size (the conv's packed rows
+# hold c_in x (tile + span / stride) floats, the polyphase weight c_out x stride x c_in x ceil(K / stride)) stay
+# bounded whatever a caller passes: 65536 x 512 channels x 4 bytes = 128 MiB at most per thread.
+MAX_GEOMETRY = 2**16
+# Most Lloyd iterations kmeans runs (audiocraft and encodec use 50): a hostile count must not hang.
+MAX_KMEANS_ITERS = 10_000
+
 
 def _name(t: torch.Tensor) -> str:
     return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def check_same_device(op: str, **tensors) -> None:
+    """All tensors on one device; the message names each argument and its device."""
+    devs = {t.device for t in tensors.values() if isinstance(t, torch.Tensor)}
+    if len(devs) > 1:
+        named = ", ".join(f"{k} on {t.device}" for k, t in tensors.items() if isinstance(t, torch.Tensor))
+        raise ValueError(f"{op}: tensors are on several devices ({named})")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
 
 
 def check_float32(name: str, t: torch.Tensor) -> None:
@@ -18,15 +39,15 @@ def check_float32(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, got {t.dtype}")
 
 
-def check_codebooks(codebooks: torch.Tensor, code_norms: torch.Tensor | None = None) -> None:
-    check_float32("codebooks", codebooks)
+def check_codebooks(codebooks: torch.Tensor, code_norms: torch.Tensor | None = None, name: str = "codebooks") -> None:
+    check_float32(name, codebooks)
     if codebooks.dim() != 3:
-        raise ValueError(f"codebooks must be (n_q, bins, dim), got {_name(codebooks)}")
+        raise ValueError(f"{name} must be (n_q, bins, dim), got {_name(codebooks)}")
     K, bins, D = codebooks.shape
     if K == 0 or bins == 0 or D == 0:
-        raise ValueError(f"codebooks must be non-empty (n_q, bins, dim), got {_name(codebooks)}")
+        raise ValueError(f"{name} must be non-empty (n_q, bins, dim), got {_name(codebooks)}")
     if not codebooks.is_contiguous():
-        raise ValueError("codebooks must be contiguous")
+        raise ValueError(f"{name} must be contiguous")
     if code_norms is not None:
         check_float32("code_norms", code_norms)
         if tuple(code_norms.shape) != (K, bins) or not code_norms.is_contiguous():
@@ -37,6 +58,7 @@ def check_codebooks(codebooks: torch.Tensor, code_norms: torch.Tensor | None = N
 
 def check_x(x: torch.Tensor, codebooks: torch.Tensor) -> None:
     """The reference's latent check (shape, emptiness, device, NaN/Inf) for float32, and contiguity."""
+    check_codebooks(codebooks)  # first: the latent check reads codebooks.shape[2]
     check_float32("x", x)
     Fq.check_latent(x, codebooks.shape[2], torch.float32, codebooks.device)
     if not x.is_contiguous():
@@ -60,11 +82,13 @@ def check_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> None:
 
 def check_ema(residuals, codes, cluster_size, embed_avg, embed, decay, epsilon) -> None:
     check_float32("residuals", residuals)
-    check_codebooks(embed_avg)
+    check_codebooks(embed_avg, name="embed_avg")
     K, bins, D = embed_avg.shape
     if residuals.dim() != 4 or residuals.shape[0] != K or residuals.shape[2] != D:
         raise ValueError(f"residuals must be ({K}, batch, {D}, time), got {_name(residuals)}")
     B, T = residuals.shape[1], residuals.shape[3]
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype != torch.long or tuple(codes.shape) != (B, K, T):
         raise ValueError(f"codes must be int64 ({B}, {K}, {T}), got {_name(codes)}")
     for n, t, shape in (("cluster_size", cluster_size, (K, bins)), ("embed", embed, (K, bins, D))):
@@ -74,9 +98,12 @@ def check_ema(residuals, codes, cluster_size, embed_avg, embed, decay, epsilon) 
     for n, t in (("residuals", residuals), ("codes", codes)):
         if not t.is_contiguous():
             raise ValueError(f"{n} must be contiguous")
-    devs = {t.device for t in (residuals, codes, cluster_size, embed_avg, embed)}
-    if len(devs) != 1:
-        raise ValueError(f"ema_update tensors are on several devices: {sorted(map(str, devs))}")
+    check_same_device("ema_update", residuals=residuals, codes=codes, cluster_size=cluster_size,
+                      embed_avg=embed_avg, embed=embed)
+    # NaN/Inf would spread differently through the fused sums than through audiocraft's one-hot matmul
+    for n, t in (("residuals", residuals), ("cluster_size", cluster_size), ("embed_avg", embed_avg),
+                 ("embed", embed)):
+        check_finite(n, t)
     if not (0.0 <= decay <= 1.0):
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     if not epsilon > 0:
@@ -92,7 +119,14 @@ def check_kmeans(samples, means, num_iters) -> None:
         raise ValueError(f"kmeans wants samples (N, D) and means (bins, D), got {_name(samples)}, {_name(means)}")
     if samples.shape[0] == 0:
         raise ValueError("kmeans got no samples")
-    if num_iters < 0:
-        raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+    if means.shape[0] == 0 or means.shape[1] == 0:
+        raise ValueError(f"means must be a non-empty (bins, D), got {_name(means)}")
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
+        raise TypeError(f"num_iters must be an int, got {type(num_iters).__name__}")
+    if not 0 <= num_iters <= MAX_KMEANS_ITERS:
+        raise ValueError(f"num_iters must be in [0, {MAX_KMEANS_ITERS}], got {num_iters}")
     if samples.device != means.device:
         raise ValueError("samples and means are on different devices")
+    for n, t in (("samples", samples), ("means", means)):
+        if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{n} contains NaN or Inf: the nearest mean is undefined")

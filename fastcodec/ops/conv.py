@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .. import _backend, _build, _cache, _pool
 from ..reference.conv import pad1d
+from ._checks import MAX_GEOMETRY
 
 PAD_MODES = ("constant", "reflect")
 _PAD_CODE = {"constant": 0, "reflect": 1}  # FC_PAD_* in csrc/conv1d_params.h
@@ -101,6 +102,8 @@ def _check_int(name: str, v, low: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if v < low:
         raise ValueError(f"{name} must be >= {low}, got {v}")
+    if v > MAX_GEOMETRY:  # work buffers are sized by these integers: bound them before any kernel runs
+        raise ValueError(f"{name} must be <= {MAX_GEOMETRY} (fastcodec's geometry limit), got {v}")
 
 
 def _check_x_weight(x, weight, in_axis: int, layout: str) -> None:
@@ -115,6 +118,10 @@ def _check_x_weight(x, weight, in_axis: int, layout: str) -> None:
         raise ValueError(f"weight must be a non-empty {layout}, got {_describe(weight)}")
     if weight.shape[in_axis] != x.shape[1]:
         raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[in_axis]} (groups=1)")
+
+
+def _devices_named(**tensors) -> str:
+    return ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
 
 
 def check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha) -> None:
@@ -132,6 +139,9 @@ def check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_rig
             raise ValueError(f"elu_alpha must be finite, got {elu_alpha}")
     c_out, _, k = weight.shape
     span = (k - 1) * dilation + 1
+    if span > MAX_GEOMETRY:
+        raise ValueError(f"kernel span (kernel_size - 1) * dilation + 1 = {span} exceeds fastcodec's geometry "
+                         f"limit {MAX_GEOMETRY} (kernel_size {k}, dilation {dilation})")
     padded = pad_left + x.shape[2] + pad_right
     if span > padded:
         raise ValueError(
@@ -151,7 +161,8 @@ def check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_rig
             raise ValueError(f"skip must have the output's shape {want}, got {_describe(skip)}")
         devices.add(skip.device)
     if len(devices) != 1:
-        raise ValueError(f"conv1d tensors are on several devices: {sorted(map(str, devices))}")
+        raise ValueError(f"conv1d tensors are on several devices: {sorted(map(str, devices))} "
+                         f"({_devices_named(x=x, weight=weight, bias=bias, skip=skip)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,12 +230,19 @@ def _cpu_ext():
 _backend.register_probe("conv", "cpp", _backend.probe_by_loading(_cpu_ext))
 
 
+def _effective_stride(length: int, kernel_size: int, stride: int, dilation: int, pad_left: int, pad_right: int) -> int:
+    """A stride past the last window start gives one frame, as does ``padded - span + 1``: pass that instead, so
+    the kernel's per-phase tables are sized by the input, not by a huge stride."""
+    return min(stride, pad_left + length + pad_right - (kernel_size - 1) * dilation)
+
+
 # No ATen dispatch for any shape: on all 18 SEANet encoder layers this kernel measured at least as fast
 # as the pad + ELU + F.conv1d it replaces (1 thread, AMD EPYC: 1.08x on the 512->128 k7 T=750 layer,
 # 1.24x to 4.9x elsewhere); F.conv1d alone is faster on 3 layers (up to 1.10x) but needs that padded copy.
 @register_impl("cpp")
 def _conv1d_cpp(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha):
     c_out, _, k = weight.shape
+    stride = _effective_stride(x.shape[2], k, stride, dilation, pad_left, pad_right)
     t_out = conv1d_output_length(x.shape[2], k, stride, dilation, pad_left, pad_right)
     out = _pool.empty((x.shape[0], c_out, t_out), x)  # every element is written
     _cpu_ext().conv1d(x, _packed_weight(weight), bias, skip, out, c_out, k, stride, dilation, pad_left, pad_right,
@@ -336,6 +354,7 @@ def _conv1d_cuda(x, weight, bias, skip, stride, dilation, pad_left, pad_right, p
     lib = _cuda_lib()
     B, c_in, t_in = x.shape
     c_out, _, k = weight.shape
+    stride = _effective_stride(t_in, k, stride, dilation, pad_left, pad_right)
     t_out = conv1d_output_length(t_in, k, stride, dilation, pad_left, pad_right)
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -484,7 +503,8 @@ def check_conv_transpose1d_args(x, weight, bias, stride, trim_left, trim_right, 
             raise ValueError(f"bias must be ({weight.shape[1]},), got {_describe(bias)}")
         devices.add(bias.device)
     if len(devices) != 1:
-        raise ValueError(f"conv_transpose1d tensors are on several devices: {sorted(map(str, devices))}")
+        raise ValueError(f"conv_transpose1d tensors are on several devices: {sorted(map(str, devices))} "
+                         f"({_devices_named(x=x, weight=weight, bias=bias)})")
 
 
 def conv_transpose1d_reference(x, weight, bias=None, stride=1, trim_left=0, trim_right=0, elu_alpha=None):

@@ -56,7 +56,28 @@ def _check_float_cpu(name: str, t) -> None:
         raise ValueError(f"{name} must be on the CPU, got {t.device}")
 
 
-def check_weights(weights: Sequence[torch.Tensor], num_layers: int) -> tuple[int, int]:
+def check_lstm_args(x, weights, num_layers) -> None:
+    """``fastcodec::lstm``'s checks for any backend: x a non-empty (T, B, I) float tensor; weights a
+    ``_flat_weights`` list of x's dtype and device fitting x (TypeError/ValueError naming the argument)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 3 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty (time, batch, input_size), got {_describe(x)}")
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a list of tensors, got {type(weights).__name__}")
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(w).__name__}")
+        if w.dtype != x.dtype or w.device != x.device:
+            raise TypeError(f"weights[{i}] is {w.dtype} on {w.device} but x is {x.dtype} on {x.device}")
+    I, _ = check_weights(weights, num_layers, any_float=True)
+    if x.shape[2] != I:
+        raise ValueError(f"x has input_size {x.shape[2]} but weights[0] (w_ih_l0) expects {I}")
+
+
+def check_weights(weights: Sequence[torch.Tensor], num_layers: int, any_float: bool = False) -> tuple[int, int]:
     """Check an ``nn.LSTM._flat_weights``-ordered list; returns (input_size, hidden_size)."""
     if isinstance(num_layers, bool) or not isinstance(num_layers, int):
         raise TypeError(f"num_layers must be an int, got {type(num_layers).__name__}")
@@ -66,8 +87,9 @@ def check_weights(weights: Sequence[torch.Tensor], num_layers: int) -> tuple[int
         got = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
         raise ValueError(f"weights must be a list of 4 * num_layers = {4 * num_layers} tensors "
                          f"(w_ih, w_hh, b_ih, b_hh per layer), got {got}")
-    for i, w in enumerate(weights):
-        _check_float_cpu(f"weights[{i}]", w)
+    if not any_float:
+        for i, w in enumerate(weights):
+            _check_float_cpu(f"weights[{i}]", w)
     w_hh = weights[1]
     if w_hh.dim() != 2 or w_hh.shape[1] < 1 or w_hh.shape[0] != 4 * w_hh.shape[1]:
         raise ValueError(f"w_hh_l0 must be (4 * hidden, hidden), got {_describe(w_hh)}")

@@ -18,7 +18,7 @@ import torch
 
 from .. import _backend
 from ..reference import functional as Fq
-from ._checks import check_codebooks, check_codes, check_x
+from ._checks import check_codebooks, check_codes, check_same_device, check_x
 
 IMPLS: dict[tuple[str, str], Callable] = {}
 
@@ -100,6 +100,7 @@ def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, code_norms: torch.Tenso
 
 @rvq_encode.register_fake
 def _(x, codebooks, code_norms):
+    check_same_device("rvq_encode", x=x, codebooks=codebooks, code_norms=code_norms)
     return x.new_empty((x.shape[0], codebooks.shape[0], x.shape[2]), dtype=torch.long)
 
 
@@ -120,6 +121,7 @@ def rvq_quantize(
 
 @rvq_quantize.register_fake
 def _(x, codebooks, code_norms, need_residuals):
+    check_same_device("rvq_quantize", x=x, codebooks=codebooks, code_norms=code_norms)
     B, D, T = x.shape
     K = codebooks.shape[0]
     res = x.new_empty((K, B, D, T)) if need_residuals else x.new_empty(0)
@@ -135,6 +137,7 @@ def rvq_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
 
 @rvq_decode.register_fake
 def _(codes, codebooks):
+    check_same_device("rvq_decode", codes=codes, codebooks=codebooks)
     return codebooks.new_empty((codes.shape[0], codebooks.shape[2], codes.shape[2]))
 
 
@@ -165,6 +168,8 @@ def ema_update(
 
 @ema_update.register_fake
 def _(residuals, codes, cluster_size, embed_avg, embed, decay, epsilon):
+    check_same_device("ema_update", residuals=residuals, codes=codes, cluster_size=cluster_size,
+                      embed_avg=embed_avg, embed=embed)
     return None
 
 
@@ -182,5 +187,6 @@ def kmeans(samples: torch.Tensor, means: torch.Tensor, num_iters: int) -> tuple[
 
 @kmeans.register_fake
 def _(samples, means, num_iters):
+    check_same_device("kmeans", samples=samples, means=means)
     return means.new_empty(means.shape), means.new_empty((means.shape[0],), dtype=torch.long)
 

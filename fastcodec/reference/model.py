@@ -170,6 +170,9 @@ class EncodecModel(nn.Module):
             raise ValueError(f"this model takes {self.channels} channel(s), got {x.shape[1]}")
         if x.shape[0] == 0 or x.shape[2] == 0:
             raise ValueError(f"audio is empty: shape {tuple(x.shape)}")
+        weight = next(self.parameters(), None)
+        if weight is not None and x.device != weight.device:
+            raise ValueError(f"audio is on {x.device} but the model is on {weight.device}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("audio contains NaN or Inf")
 

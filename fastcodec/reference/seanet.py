@@ -29,7 +29,7 @@ def _check_input(module: nn.Module, x: torch.Tensor, channels: int, what: str) -
     """Raise TypeError/ValueError unless ``x`` is a non-empty (batch, channels, time) tensor that
     matches the module's weights in dtype and device."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what} expects a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{what} expects a torch.Tensor x, got {type(x).__name__}")
     if x.dim() != 3:
         raise ValueError(f"{what} expects x of shape (batch, {channels}, time), got rank {x.dim()} "
                          f"shape {tuple(x.shape)}")
@@ -45,7 +45,7 @@ def _check_input(module: nn.Module, x: torch.Tensor, channels: int, what: str) -
         raise ValueError(f"{what} expects {channels} channels (x of shape (batch, {channels}, time)), "
                          f"got {x.shape[1]} (shape {tuple(x.shape)})")
     if x.shape[0] == 0 or x.shape[2] == 0:
-        raise ValueError(f"{what} got an empty batch or time axis: shape {tuple(x.shape)}")
+        raise ValueError(f"{what} got an empty batch or time axis: x of shape {tuple(x.shape)}")
 
 
 def _check_outer_blocks(disable_norm_outer_blocks: int, n_blocks: int) -> None:
