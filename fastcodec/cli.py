@@ -109,6 +109,8 @@ def _info(args) -> int:
         why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         print(f"CUDA: not available ({why})")
     print(f"build cache: {_build.cache_root()}")
+    if _triton_line():
+        print(_triton_line())
     rc = 0
     forced = {k: v for k, v in os.environ.items() if k.startswith("FASTCODEC_") and k.endswith("BACKEND")}
     if forced:
@@ -148,6 +150,17 @@ def _info(args) -> int:
             status = "unavailable: " + " ".join(str(e).split())
         print(f"  {name:10} {status}")
     return rc
+
+
+def _triton_line() -> str:
+    """What ``info`` says when triton is missing (it is optional where it has no wheel: macOS, Windows)."""
+    from . import _backend
+
+    tri = _backend._triton_probe()
+    if tri.ok:
+        return ""
+    return (f"triton: unavailable ({tri.reason}): the CPU path (C++ and reference) does not need it; "
+            f"on CUDA the RVQ ops would run the reference")
 
 
 def _in_use(_backend, fam: str, dev: str) -> str:
