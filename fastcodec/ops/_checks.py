@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _devcheck
 from ..reference import functional as Fq
 
 
@@ -38,7 +39,10 @@ def check_codebooks(codebooks: torch.Tensor, code_norms: torch.Tensor | None = N
 def check_x(x: torch.Tensor, codebooks: torch.Tensor) -> None:
     """The reference's latent check (shape, emptiness, device, NaN/Inf) for float32, and contiguity."""
     check_float32("x", x)
-    Fq.check_latent(x, codebooks.shape[2], torch.float32, codebooks.device)
+    word = _devcheck.active(x.device)  # deferred (GPU training step): NaN/Inf is flagged on the device
+    Fq.check_latent(x, codebooks.shape[2], torch.float32, codebooks.device, finite=word is None)
+    if word is not None:
+        _devcheck.flag(word, ~torch.isfinite(x).all(), _devcheck.X_NONFINITE)
     if not x.is_contiguous():
         raise ValueError("x must be contiguous (call .contiguous())")
 
@@ -81,7 +85,10 @@ def check_ema(residuals, codes, cluster_size, embed_avg, embed, decay, epsilon) 
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= bins):
+    word = _devcheck.active(codes.device)
+    if word is not None and codes.numel():  # deferred; out-of-range rows fall outside every segment anyway
+        _devcheck.flag(word, (codes.amin() < 0) | (codes.amax() >= bins), _devcheck.CODES_RANGE)
+    elif codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= bins):
         raise ValueError(f"codes out of range [0, {bins})")
 
 
