@@ -48,12 +48,47 @@ def _device(v: str) -> str:
     return v
 
 
+def _seconds(v: str) -> float:
+    try:
+        s = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {v!r}") from None
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {v}")
+    return s
+
+
+def _check_cuda_device(device: torch.device, flag: str = "--device") -> None:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise CliError(f"{flag} {device}: CUDA is not available ({why})")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise CliError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _selftest(args) -> int:
+    from . import selftest
+
+    device = torch.device(args.device)
+    _check_cuda_device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"fastcodec selftest on {device} ({name}), {'quick' if args.quick else 'full'} shapes")
+    only = {c.strip() for c in args.only.split(",")} if args.only else None
+    results = selftest.run(str(device), quick=args.quick, only=only)
+    if not results:
+        raise CliError(f"--only {args.only}: no such case (the cases: {', '.join(selftest.case_names())})")
+    bad = [r.name for r in results if not r.ok]
+    print(f"{len(results) - len(bad)}/{len(results)} passed" + (f"; FAILED: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(prog="fastcodec", description="EnCodec with fused kernels: info, build, benchmarks.")
     p.add_argument("--version", action="version", version=f"fastcodec {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,build,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{info,build,bench,selftest}")
     sub.required = True
     sub.add_parser("info", help="versions, hardware, available backends and why not, build cache")
     b = sub.add_parser("build", help="prebuild the C++ extensions (otherwise built on first use)")
@@ -72,6 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--plot", metavar="OUT", type=Path, help="draw speed-up by shape (needs matplotlib)")
     be.add_argument("--list", action="store_true", help="list the operations and shapes of the suite and exit")
     be.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    be.add_argument("--budget", type=_seconds, metavar="SECONDS",
+                    help="stop starting new cases after this many seconds (the results so far are kept)")
+    st = sub.add_parser("selftest", help="every op and module against the reference on your device (~1 min)",
+                        description="Runs every fastcodec op and module against the PyTorch reference on the given "
+                                    "device: one line per case with the max error and the tolerance. Exit 1 if one "
+                                    "fails. GPU users: run this first.")
+    st.add_argument("--device", default="cpu", type=_device, help="cpu (default) or cuda[:N]")
+    st.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
+    st.add_argument("--only", metavar="CASES", help="comma-separated case names, e.g. rvq_encode,SEANetEncoder")
     return p
 
 
@@ -82,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed usage and the error (or --help) on stderr/stdout
         return int(e.code or 0)
     try:
-        return {"info": _info, "build": _build, "bench": _bench}[args.command](args)
+        return {"info": _info, "build": _build, "bench": _bench, "selftest": _selftest}[args.command](args)
     except CliError as e:
         print(f"fastcodec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
