@@ -2,7 +2,7 @@
 
     fastcodec info                   versions, CPU/GPU, backends per family and device (and why not), build cache
     fastcodec build [--verbose]      prebuild the C++ extensions; non-zero exit with the reason if one fails
-    fastcodec bench [--full] [--only OPS] [--device cpu|cuda] [--threads N] [--json OUT] [--plot OUT.png]
+    fastcodec bench [--full] [--only OPS] [--device cpu|cuda] [--budget S] [--threads N] [--json OUT] [--plot OUT.png]
                                      exit 1 when fastcodec's output disagrees with the oracle or a case cannot
                                      be built (another provider's mismatch is listed, not a failure)
 
@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     suite.add_argument("--full", action="store_true", help="the complete suite (long); default: the quick one")
     suite.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, seconds: for tests/CI
     be.add_argument("--only", metavar="OPS", help="comma-separated operations, e.g. rvq_encode,seanet_encoder")
-    be.add_argument("--device", default="cpu", type=_device, help="cpu (default) or cuda[:N]")
+    be.add_argument("--device", default="cpu", type=_device,
+                    help="cpu (default) or cuda[:N]; cuda runs the GPU suite unless --full/--smoke")
     be.add_argument("--threads", type=_threads, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
     be.add_argument("--json", metavar="OUT", type=Path, help="write every number and the machine description")
     be.add_argument("--plot", metavar="OUT", type=Path, help="draw speed-up by shape (needs matplotlib)")
@@ -251,7 +252,8 @@ def _bench_run(args) -> int:
     from .bench import cases as bc
     from .bench import harness as bh
 
-    suite = "full" if args.full else "smoke" if args.smoke else "quick"
+    gpu = torch.device(args.device).type == "cuda"
+    suite = "full" if args.full else "smoke" if args.smoke else "gpu" if gpu else "quick"
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     if args.only is not None and not only:
         raise CliError("--only needs at least one operation, e.g. --only rvq_encode,seanet_encoder")
@@ -302,7 +304,11 @@ def _bench_run(args) -> int:
     gemm_reps = 5 if suite == "smoke" else 15
     gemm_start = bh.gemm_rate(device, gemm_reps)
     results: list[bh.CaseResult] = []
+    over_budget: list[str] = []
     for i, case in enumerate(selected, 1):
+        if args.budget is not None and time.perf_counter() - t0 >= args.budget:
+            over_budget.append(f"{case.op} {case.id}")  # not started: the --budget is spent
+            continue
         label = f"[{i}/{len(selected)}] {case.op} {case.id}"
         progress(f"{label}: building providers")
         title = bc.OPS[case.op]
@@ -314,11 +320,12 @@ def _bench_run(args) -> int:
             results.append(r)
             continue
         r = bh.run_case(case.op, title, case.id, case.params, built, device, progress=progress, **timing)
+        _note_bandwidth(r, case, device)
         results.append(r)
         med = {n: p.median_ms for n, p in r.providers.items() if p.median_ms is not None}
         progress(f"{label}: " + (", ".join(f"{n} {v:.2f} ms" for n, v in med.items()) or "nothing timed"))
     progress("GEMM rate (end)")
-    gemm_end = bh.gemm_rate(device, gemm_reps)
+    gemm_end = bh.gemm_rate(device, gemm_reps) if not over_budget else gemm_start  # a spent budget: no more
     # the machine's demonstrated GEMM rate in this run: the better of the two measurements
     gemm_best = max((g["best_gflops"] or 0.0) for g in (gemm_start, gemm_end)) or None
     elapsed = time.perf_counter() - t0
@@ -339,8 +346,12 @@ def _bench_run(args) -> int:
     # the exit status is about fastcodec and the harness: another provider's disagreement with the oracle
     # (onnxruntime's export of time_group_norm, the compiled reference's rounding) is listed, not a failure
     failed = [f for f in problems if " fastcodec: " in f or ": could not build" in f]
+    if over_budget:
+        print(f"\nnot run (--budget {args.budget:g} s spent): " + ", ".join(over_budget))
     if args.json is not None:
         doc = {"machine": machine, "suite": suite, "device": str(device), "threads": torch.get_num_threads(),
+               "device_name": machine.get("gpu") or machine["cpu_model"], "budget_s": args.budget,
+               "not_run_budget": over_budget, "peak_bandwidth_gbps": _peak_gbps(device),
                "only": only, "timing": timing, "elapsed_s": elapsed, "backends": backends, "fallbacks": fallbacks,
                "gemm": {"start": gemm_start, "end": gemm_end, "best_gflops": gemm_best},
                "omitted": omitted, "results": [r.to_json(gemm_best) for r in results], "problems": problems}
@@ -359,6 +370,33 @@ def _bench_run(args) -> int:
         print("\nproblems (no speed-up is reported for these):\n  " + "\n  ".join(problems))
     progress(f"done in {elapsed:.0f}s")
     return 1 if failed else 0
+
+
+# HBM/GDDR peak of common GPUs in GB/s (vendor data sheets), for the decode's share of it
+_PEAK_GBPS = {"H200": 4800, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,
+              "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "L4": 300, "A10G": 600, "RTX 4090": 1008,
+              "RTX 3090": 936, "V100": 900, "T4": 320}
+
+
+def _peak_gbps(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((float(v) for k, v in _PEAK_GBPS.items() if k in name), None)
+
+
+def _note_bandwidth(r, case, device: torch.device) -> None:
+    """rvq_decode: the bytes fastcodec moves (codes, gathered codewords, output) per second, and the share of
+    the device's peak, as a note of the result."""
+    fc = r.providers.get("fastcodec")
+    if case.op != "rvq_decode" or fc is None or not fc.median_ms:
+        return
+    p = case.params
+    n = p["B"] * p["T"]
+    gbps = (n * p["K"] * 8 + n * p["K"] * p["D"] * 4 + n * p["D"] * 4) / (fc.median_ms * 1e-3) / 1e9
+    peak = _peak_gbps(device)
+    r.notes.append(f"fastcodec moves {gbps:.0f} GB/s" + (f", {100 * gbps / peak:.0f}% of the {peak:.0f} GB/s peak"
+                                                        if peak else ""))
 
 
 def _backends_in_use(device: torch.device) -> tuple[dict[str, str], list[str]]:
