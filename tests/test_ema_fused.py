@@ -13,6 +13,7 @@ import fastcodec
 from fastcodec import _devcheck
 from fastcodec import _fused_train as FT
 from fastcodec.reference.quantization import ResidualVectorQuantizer as RefRVQ
+from tests.utils import requires_cuda
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -156,3 +157,21 @@ def test_nan_codebook_raises_at_the_next_step_naming_the_layer():
     with pytest.raises(ValueError, match=r"vq\.layers\.1\._codebook\.embed holds NaN or Inf"):
         fast(torch.randn(B, D, T, device=DEV), 75)
     _devcheck.check_errors()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_real_shape_step_is_sync_free_on_cuda():
+    """B8 T750 K8 with 1024 bins on the GPU: no synchronising call in steady-state training steps."""
+    m = fastcodec.ResidualVectorQuantizer(dimension=128, n_q=8, bins=1024, kmeans_init=False).cuda().train()
+    x = torch.randn(8, 128, 750, device="cuda")
+    for _ in range(2):
+        m(x, 75)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            m(x, 75)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    fastcodec.check_errors()

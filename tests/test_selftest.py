@@ -1,7 +1,10 @@
 """`fastcodec selftest`: the case lines and the exit status, on a tiny subset (the full run is a user command)."""
 from __future__ import annotations
 
+import pytest
+
 from fastcodec import cli, selftest
+from tests.utils import requires_cuda
 
 
 def test_selftest_quick_subset(capsys):
@@ -24,3 +27,12 @@ def test_selftest_bad_arguments(capsys):
     assert cli.main(["selftest", "--only", "nope"]) == 2
     assert "no such case" in capsys.readouterr().err
     assert set(selftest.case_names()) >= {"rvq_encode", "SEANetEncoder", "RVQ training step"}
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_selftest_on_cuda(capsys):
+    """The user's first GPU command: every case within its tolerance on the real device."""
+    rc = cli.main(["selftest", "--device", "cuda"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
