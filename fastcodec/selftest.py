@@ -153,7 +153,10 @@ def _module_cases(dev, quick: bool) -> list[tuple[str, Callable]]:
             r = getattr(ref, kind)(**kw).to(dev).eval()
             f = getattr(fastcodec, kind)(**kw).to(dev).eval()
             f.load_state_dict(r.state_dict())
-            inp = wav if kind == "SEANetEncoder" else torch.randn(1, 32, T // 8, generator=g).to(dev)
+            hop = 1
+            for r_ in kw["ratios"]:
+                hop *= r_
+            inp = wav if kind == "SEANetEncoder" else torch.randn(1, 32, T // hop, generator=g).to(dev)
             with torch.no_grad():
                 got, r32 = f(inp), r(inp)
                 r64 = r.double()(inp.double())
