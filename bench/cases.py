@@ -676,7 +676,7 @@ def _seanet(op: str, config: str, B: int, seconds: float, suites: tuple[str, ...
     return Case(op, f"{config}-B{B}-{seconds:g}s", dict(config=config, B=B, seconds=seconds), suites, compiled_in)
 
 
-S, Q, F = ("smoke",), ("quick", "full"), ("full",)
+S, Q, F, G = ("smoke",), ("quick", "full"), ("full",), ("gpu",)
 CASES: list[Case] = [
     _rvq("rvq_encode", 1, 20, 2, S, bins=64, D=16),
     _rvq("rvq_encode", 1, 750, 8, Q),
@@ -718,6 +718,14 @@ CASES: list[Case] = [
     Case("codec", "24k-B1-1s-K8", dict(config="24k", B=1, seconds=1, K=8, bins=1024), Q),
     Case("codec", "24k-B1-10s-K8", dict(config="24k", B=1, seconds=10, K=8, bins=1024), F),
     Case("codec", "24k-B8-10s-K8", dict(config="24k", B=8, seconds=10, K=8, bins=1024), F),
+    # `fastcodec bench --device cuda`: the first numbers on a GPU, most wanted first (a --budget stops early)
+    _rvq("rvq_encode", 32, 750, 32, G, compiled_in=G),
+    _rvq("rvq_train", 32, 750, 32, G, compiled_in=G),
+    _rvq("rvq_decode", 32, 750, 32, G),
+    _seanet("seanet_encoder", "24k", 32, 1, G, compiled_in=G),
+    _seanet("seanet_decoder", "24k", 32, 1, G, compiled_in=G),
+    _rvq("rvq_encode", 1, 750, 8, G),
+    _rvq("rvq_train", 8, 750, 8, G),
 ]
 
 # per suite: warm-up calls, max and min timed rounds, seconds of timing after which min rounds suffice
@@ -725,11 +733,12 @@ SUITE_TIMING: dict[str, dict] = {
     "smoke": dict(warmup=1, reps=3, min_reps=2, budget_s=0.5),
     "quick": dict(warmup=1, reps=9, min_reps=3, budget_s=4.0),
     "full": dict(warmup=3, reps=25, min_reps=5, budget_s=20.0),
+    "gpu": dict(warmup=3, reps=25, min_reps=5, budget_s=5.0),
 }
 
 
 def select(suite: str, only: list[str] | None = None) -> list[Case]:
-    """The cases of ``suite`` ("smoke", "quick", "full"), optionally restricted to some operations."""
+    """The cases of ``suite`` ("smoke", "quick", "full", "gpu"), optionally restricted to some operations."""
     if suite not in SUITE_TIMING:
         raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITE_TIMING)}")
     unknown = sorted(set(only or ()) - set(OPS))

@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402,F401
 from ._backend import BackendUnavailableError, backends  # noqa: E402,F401
+from ._devcheck import check_errors  # noqa: E402,F401
 from ._pool import release_pools  # noqa: E402,F401
 from .checkpoint import CheckpointError, load_checkpoint  # noqa: E402,F401
 from .quantization import ResidualVectorQuantizer  # noqa: E402,F401

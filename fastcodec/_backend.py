@@ -38,6 +38,7 @@ CPP_EXTENSIONS: dict[str, tuple[list[str], list[str]]] = {
 # family -> device type -> backends in order of preference (reference is always last)
 PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "rvq": {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")},
+    # cuda conv: only where CUDA_CONV_MEASURED_FASTER lists the GPU (see auto_skip_reason)
     "conv": {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
 }
 # backends a family implements at all, per device type (forcing one outside this raises)
@@ -143,8 +144,29 @@ def kernel_path(level: str) -> str:
     return "avx512" if level.startswith("avx512") else level
 
 
+# GPUs (torch.cuda.get_device_name) on which the CUDA conv (csrc/conv1d_cuda.cu) was measured faster than
+# cuDNN, with the committed result that shows it. Empty: it has never run on a GPU, so `auto` keeps ATen/cuDNN
+# for the convs on CUDA (the transposed conv and the LSTM are ATen there anyway).
+CUDA_CONV_MEASURED_FASTER: dict[str, str] = {}
+CUDA_CONV_OPT_IN = "FASTCODEC_CONV_BACKEND=cuda"
+# a reason that is the default policy, not a failure: `auto` does not warn about it
+_POLICY = "cuda: fastcodec's CUDA conv has not been measured faster"
+
+
+def _cuda_device_name() -> str:
+    try:
+        return torch.cuda.get_device_name()
+    except Exception as e:  # pragma: no cover - no driver
+        return f"unknown GPU ({type(e).__name__})"
+
+
 def auto_skip_reason(family: str, backend: str, device_type: str) -> str | None:
     """Why ``auto`` passes over an available ``backend`` for ``family`` on ``device_type``, or None."""
+    if family == "conv" and backend == "cuda" and device_type == "cuda":
+        name = _cuda_device_name()
+        if name not in CUDA_CONV_MEASURED_FASTER:
+            return (f"fastcodec's CUDA conv has not been measured faster than cuDNN on {name} (no committed "
+                    f"result), so ATen/cuDNN runs the convs; set {CUDA_CONV_OPT_IN} to opt in")
     if backend == "cpp" and device_type == "cpu" and simd_level() == "portable":
         return (f"this CPU has no AVX2+FMA, so the C++ kernels run their portable scalar loops, which ran "
                 f"{PORTABLE_SLOWER[family]}; set {env_var(family)}=cpp to use them anyway")
@@ -235,7 +257,7 @@ def requested(family: str) -> str:
 def _triton_probe() -> Availability:
     try:
         import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - triton is a runtime dependency
+    except Exception as e:  # optional: no wheel outside Linux (pyproject marker)
         return Availability(False, f"triton cannot be imported: {e}")
     return Availability(True)
 
@@ -304,7 +326,7 @@ def choose(family: str, device: torch.device | str) -> str:
     b, reasons = auto_choice(family, dtype)
     if b is None:
         raise BackendUnavailableError(f"no backend can run the {family} ops on {dtype}: " + "; ".join(reasons))
-    if reasons:
+    if reasons and not (b == "reference" and all(r.startswith(_POLICY) for r in reasons)):
         key = (family, dtype, b)
         if key not in _warned:
             _warned.add(key)

@@ -2,7 +2,7 @@
 
     fastcodec info                   versions, CPU/GPU, backends per family and device (and why not), build cache
     fastcodec build [--verbose]      prebuild the C++ extensions; non-zero exit with the reason if one fails
-    fastcodec bench [--full] [--only OPS] [--device cpu|cuda] [--threads N] [--json OUT] [--plot OUT.png]
+    fastcodec bench [--full] [--only OPS] [--device cpu|cuda] [--budget S] [--threads N] [--json OUT] [--plot OUT.png]
                                      exit 1 when fastcodec's output disagrees with the oracle or a case cannot
                                      be built (another provider's mismatch is listed, not a failure)
 
@@ -48,12 +48,47 @@ def _device(v: str) -> str:
     return v
 
 
+def _seconds(v: str) -> float:
+    try:
+        s = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {v!r}") from None
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {v}")
+    return s
+
+
+def _check_cuda_device(device: torch.device, flag: str = "--device") -> None:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise CliError(f"{flag} {device}: CUDA is not available ({why})")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise CliError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _selftest(args) -> int:
+    from . import selftest
+
+    device = torch.device(args.device)
+    _check_cuda_device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"fastcodec selftest on {device} ({name}), {'quick' if args.quick else 'full'} shapes")
+    only = {c.strip() for c in args.only.split(",")} if args.only else None
+    results = selftest.run(str(device), quick=args.quick, only=only)
+    if not results:
+        raise CliError(f"--only {args.only}: no such case (the cases: {', '.join(selftest.case_names())})")
+    bad = [r.name for r in results if not r.ok]
+    print(f"{len(results) - len(bad)}/{len(results)} passed" + (f"; FAILED: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(prog="fastcodec", description="EnCodec with fused kernels: info, build, benchmarks.")
     p.add_argument("--version", action="version", version=f"fastcodec {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,build,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{info,build,bench,selftest}")
     sub.required = True
     sub.add_parser("info", help="versions, hardware, available backends and why not, build cache")
     b = sub.add_parser("build", help="prebuild the C++ extensions (otherwise built on first use)")
@@ -66,12 +101,22 @@ def _parser() -> argparse.ArgumentParser:
     suite.add_argument("--full", action="store_true", help="the complete suite (long); default: the quick one")
     suite.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, seconds: for tests/CI
     be.add_argument("--only", metavar="OPS", help="comma-separated operations, e.g. rvq_encode,seanet_encoder")
-    be.add_argument("--device", default="cpu", type=_device, help="cpu (default) or cuda[:N]")
+    be.add_argument("--device", default="cpu", type=_device,
+                    help="cpu (default) or cuda[:N]; cuda runs the GPU suite unless --full/--smoke")
     be.add_argument("--threads", type=_threads, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
     be.add_argument("--json", metavar="OUT", type=Path, help="write every number and the machine description")
     be.add_argument("--plot", metavar="OUT", type=Path, help="draw speed-up by shape (needs matplotlib)")
     be.add_argument("--list", action="store_true", help="list the operations and shapes of the suite and exit")
     be.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    be.add_argument("--budget", type=_seconds, metavar="SECONDS",
+                    help="stop starting new cases after this many seconds (the results so far are kept)")
+    st = sub.add_parser("selftest", help="every op and module against the reference on your device (~1 min)",
+                        description="Runs every fastcodec op and module against the PyTorch reference on the given "
+                                    "device: one line per case with the max error and the tolerance. Exit 1 if one "
+                                    "fails. GPU users: run this first.")
+    st.add_argument("--device", default="cpu", type=_device, help="cpu (default) or cuda[:N]")
+    st.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
+    st.add_argument("--only", metavar="CASES", help="comma-separated case names, e.g. rvq_encode,SEANetEncoder")
     return p
 
 
@@ -82,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed usage and the error (or --help) on stderr/stdout
         return int(e.code or 0)
     try:
-        return {"info": _info, "build": _build, "bench": _bench}[args.command](args)
+        return {"info": _info, "build": _build, "bench": _bench, "selftest": _selftest}[args.command](args)
     except CliError as e:
         print(f"fastcodec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -109,6 +154,8 @@ def _info(args) -> int:
         why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         print(f"CUDA: not available ({why})")
     print(f"build cache: {_build.cache_root()}")
+    if _triton_line():
+        print(_triton_line())
     rc = 0
     forced = {k: v for k, v in os.environ.items() if k.startswith("FASTCODEC_") and k.endswith("BACKEND")}
     if forced:
@@ -148,6 +195,17 @@ def _info(args) -> int:
             status = "unavailable: " + " ".join(str(e).split())
         print(f"  {name:10} {status}")
     return rc
+
+
+def _triton_line() -> str:
+    """What ``info`` says when triton is missing (it is optional where it has no wheel: macOS, Windows)."""
+    from . import _backend
+
+    tri = _backend._triton_probe()
+    if tri.ok:
+        return ""
+    return (f"triton: unavailable ({tri.reason}): the CPU path (C++ and reference) does not need it; "
+            f"on CUDA the RVQ ops would run the reference")
 
 
 def _in_use(_backend, fam: str, dev: str) -> str:
@@ -194,7 +252,8 @@ def _bench_run(args) -> int:
     from .bench import cases as bc
     from .bench import harness as bh
 
-    suite = "full" if args.full else "smoke" if args.smoke else "quick"
+    gpu = torch.device(args.device).type == "cuda"
+    suite = "full" if args.full else "smoke" if args.smoke else "gpu" if gpu else "quick"
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     if args.only is not None and not only:
         raise CliError("--only needs at least one operation, e.g. --only rvq_encode,seanet_encoder")
@@ -245,7 +304,11 @@ def _bench_run(args) -> int:
     gemm_reps = 5 if suite == "smoke" else 15
     gemm_start = bh.gemm_rate(device, gemm_reps)
     results: list[bh.CaseResult] = []
+    over_budget: list[str] = []
     for i, case in enumerate(selected, 1):
+        if args.budget is not None and time.perf_counter() - t0 >= args.budget:
+            over_budget.append(f"{case.op} {case.id}")  # not started: the --budget is spent
+            continue
         label = f"[{i}/{len(selected)}] {case.op} {case.id}"
         progress(f"{label}: building providers")
         title = bc.OPS[case.op]
@@ -257,11 +320,12 @@ def _bench_run(args) -> int:
             results.append(r)
             continue
         r = bh.run_case(case.op, title, case.id, case.params, built, device, progress=progress, **timing)
+        _note_bandwidth(r, case, device)
         results.append(r)
         med = {n: p.median_ms for n, p in r.providers.items() if p.median_ms is not None}
         progress(f"{label}: " + (", ".join(f"{n} {v:.2f} ms" for n, v in med.items()) or "nothing timed"))
     progress("GEMM rate (end)")
-    gemm_end = bh.gemm_rate(device, gemm_reps)
+    gemm_end = bh.gemm_rate(device, gemm_reps) if not over_budget else gemm_start  # a spent budget: no more
     # the machine's demonstrated GEMM rate in this run: the better of the two measurements
     gemm_best = max((g["best_gflops"] or 0.0) for g in (gemm_start, gemm_end)) or None
     elapsed = time.perf_counter() - t0
@@ -282,8 +346,12 @@ def _bench_run(args) -> int:
     # the exit status is about fastcodec and the harness: another provider's disagreement with the oracle
     # (onnxruntime's export of time_group_norm, the compiled reference's rounding) is listed, not a failure
     failed = [f for f in problems if " fastcodec: " in f or ": could not build" in f]
+    if over_budget:
+        print(f"\nnot run (--budget {args.budget:g} s spent): " + ", ".join(over_budget))
     if args.json is not None:
         doc = {"machine": machine, "suite": suite, "device": str(device), "threads": torch.get_num_threads(),
+               "device_name": machine.get("gpu") or machine["cpu_model"], "budget_s": args.budget,
+               "not_run_budget": over_budget, "peak_bandwidth_gbps": _peak_gbps(device),
                "only": only, "timing": timing, "elapsed_s": elapsed, "backends": backends, "fallbacks": fallbacks,
                "gemm": {"start": gemm_start, "end": gemm_end, "best_gflops": gemm_best},
                "omitted": omitted, "results": [r.to_json(gemm_best) for r in results], "problems": problems}
@@ -302,6 +370,33 @@ def _bench_run(args) -> int:
         print("\nproblems (no speed-up is reported for these):\n  " + "\n  ".join(problems))
     progress(f"done in {elapsed:.0f}s")
     return 1 if failed else 0
+
+
+# HBM/GDDR peak of common GPUs in GB/s (vendor data sheets), for the decode's share of it
+_PEAK_GBPS = {"H200": 4800, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,
+              "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "L4": 300, "A10G": 600, "RTX 4090": 1008,
+              "RTX 3090": 936, "V100": 900, "T4": 320}
+
+
+def _peak_gbps(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((float(v) for k, v in _PEAK_GBPS.items() if k in name), None)
+
+
+def _note_bandwidth(r, case, device: torch.device) -> None:
+    """rvq_decode: the bytes fastcodec moves (codes, gathered codewords, output) per second, and the share of
+    the device's peak, as a note of the result."""
+    fc = r.providers.get("fastcodec")
+    if case.op != "rvq_decode" or fc is None or not fc.median_ms:
+        return
+    p = case.params
+    n = p["B"] * p["T"]
+    gbps = (n * p["K"] * 8 + n * p["K"] * p["D"] * 4 + n * p["D"] * 4) / (fc.median_ms * 1e-3) / 1e9
+    peak = _peak_gbps(device)
+    r.notes.append(f"fastcodec moves {gbps:.0f} GB/s" + (f", {100 * gbps / peak:.0f}% of the {peak:.0f} GB/s peak"
+                                                        if peak else ""))
 
 
 def _backends_in_use(device: torch.device) -> tuple[dict[str, str], list[str]]:

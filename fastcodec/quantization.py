@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from . import _backend, _cache, _hooks, ops
+from . import _fused_train as _fused
 from .ops import rvq_cpp
 from .reference import functional as Fq
 from .reference.quantization import QuantizedResult
@@ -83,7 +84,7 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         return memo.get(_CODEBOOKS, embeds, make)
 
     def __getstate__(self):  # the memo holds tensors of this module: never copied or pickled
-        return {k: v for k, v in self.__dict__.items() if k != "_fc_memo"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fc_memo", _fused.STATE)}
 
     def _check_x(self, x) -> None:
         if torch.compiler.is_compiling():
@@ -113,11 +114,18 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         """x: (B, D, T), frame_rate in Hz -> QuantizedResult(x, codes (B, n_q, T), bandwidth, penalty)."""
         if self._use_reference() or _hooks.has_inner_hooks(self):  # hooks on inner modules fire there
             return super().forward(x, frame_rate)
-        self._check_x(x)
+        fused = self.training and isinstance(x, torch.Tensor) and self._fused_step_ok(x, self.n_q)
+        if fused:  # no host sync: NaN/Inf in x is flagged on the device (fastcodec/_devcheck.py)
+            embed = self.vq.layers[0].codebook
+            Fq.check_latent(x, self.dimension, embed.dtype, embed.device, finite=False)
+        else:
+            self._check_x(x)
         Fq.check_frame_rate(frame_rate)
         n_q = self.n_q
         if self.training and self.q_dropout:
-            n_q = int(torch.randint(1, self.n_q + 1, (1,)).item())
+            n_q = int(torch.randint(1, self.n_q + 1, (1,)).item())  # CPU generator: no device sync
+        if fused:
+            return _fused.train_step(self, x, n_q, n_q * math.log2(self.bins) * frame_rate / 1000)
         bw = torch.tensor(n_q * math.log2(self.bins) * frame_rate / 1000).to(x)
         layers = self.vq.layers[:n_q]
         if self.training or not all(bool(layer._codebook.inited) for layer in layers):
@@ -127,6 +135,16 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         # audiocraft: every layer's loss is tensor([0.]) outside training; the penalty is their mean
         penalty = torch.zeros(n_q, 1, device=x.device).mean()
         return QuantizedResult(quantized, codes, bw, penalty=penalty)
+
+    def _fused_step_ok(self, x: torch.Tensor, n_q: int) -> bool:
+        """Whether the training step runs fused (fastcodec/_fused_train.py): the Triton backend, float32,
+        eager, no orthogonal penalty (it needs torch.unique), every active codebook initialised."""
+        if torch.compiler.is_compiling() or _backend.choose("rvq", x.device) != "triton":
+            return False
+        layers = list(self.vq.layers)[:n_q]
+        if any(layer.orthogonal_reg_weight > 0 for layer in layers):
+            return False
+        return _fused.all_inited(self, layers)
 
     def _forward_layers(self, x: torch.Tensor, n_q: int, bw: torch.Tensor) -> QuantizedResult:
         B, D, T = x.shape

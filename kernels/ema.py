@@ -4,6 +4,8 @@ The host sorts each layer's codes with a stable sort, so ``perm[k, starts[k, c]:
 lists, in ascending row order, the rows assigned to code ``c``. Each program owns a block of codes
 and sums their rows itself in a fixed order: no atomics, the same bits on every run, and the bits do
 not depend on how many codes a program owns.
+With HAS_ERR, a non-zero ``err[0]`` (an asynchronous input check failed, fastcodec/_devcheck.py) makes
+the EMA kernels leave every buffer untouched, so bad input never reaches the codebooks.
 A row ``n`` of ``src`` is ``b = n // T, t = n % T`` at ``b * stride_b + t * stride_t + d * stride_d``.
 """
 import triton
@@ -52,8 +54,8 @@ def _ema_update_kernel(
     res_ptr, perm_ptr, starts_ptr, cs_ptr, ea_ptr,
     N, T, D, BINS,
     stride_rk, stride_rb, stride_rt, stride_rd,
-    decay, one_minus_decay,
-    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    decay, one_minus_decay, err_ptr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ERR: tl.constexpr = False,
 ):
     """cluster_size and embed_avg EMA for codes [i_c*BLOCK_C, +BLOCK_C) of layer i_k; grid (code blocks, K).
 
@@ -64,6 +66,8 @@ def _ema_update_kernel(
     i_k = tl.program_id(1).to(tl.int64)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < BINS
+    if HAS_ERR:
+        m_c = m_c & (tl.load(err_ptr + o_c * 0) == 0)  # [BLOCK_C]: the word, broadcast
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     p_starts = starts_ptr + i_k * (BINS + 1)
@@ -86,8 +90,8 @@ def _ema_update_kernel(
 def _ema_normalize_kernel(
     cs_ptr, ea_ptr, embed_ptr,
     BINS, D,
-    epsilon, bins_epsilon,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    epsilon, bins_epsilon, err_ptr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ERR: tl.constexpr = False,
 ):
     """embed = embed_avg / Laplace-smoothed cluster_size for a block of codes; grid (code blocks, K).
 
@@ -104,6 +108,8 @@ def _ema_normalize_kernel(
     n = tl.sum(b_n, axis=0)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < BINS
+    if HAS_ERR:
+        m_c = m_c & (tl.load(err_ptr + o_c * 0) == 0)  # [BLOCK_C]: the word, broadcast
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     b_cs = tl.load(p_cs + o_c, mask=m_c, other=0.0)  # [BLOCK_C]

@@ -16,13 +16,15 @@ def _rvq_encode_kernel(
     stride_cb, stride_ck, stride_ct,
     stride_rk,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WRITE_Q: tl.constexpr, WRITE_RES: tl.constexpr,
+    WRITE_Q: tl.constexpr, WRITE_RES: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr = False,
 ):
     """Nearest codeword of every layer for BLOCK_T rows; the residual stays in registers.
 
     x: rows of D floats (strides above); cb: (K, BINS, D) contiguous; norm: (K, BINS) = |e|^2;
     codes: (B, K, T) int64 via stride_c*; q: quantized sum with x's strides (if WRITE_Q);
     res: the input of layer k at ``k * stride_rk`` + x's offsets (if WRITE_RES).
+    STRAIGHT_THROUGH: each layer's quantized value is audiocraft's training value ``r + (e - r)``, which
+    is what the next residual subtracts and q sums (it can differ from ``e`` in the last bit).
     """
     i_n = tl.program_id(0).to(tl.int64)
     o_n = i_n * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BLOCK_T]
@@ -67,6 +69,8 @@ def _rvq_encode_kernel(
         b_idx = tl.minimum(tl.maximum(b_idx, 0), BINS - 1)
         tl.store(codes_ptr + o_code + k64 * stride_ck, b_idx.to(tl.int64), mask=m_n)
         b_e = tl.load(p_cb + b_idx.to(tl.int64)[:, None] * D + o_d[None, :], mask=m_x, other=0.0)  # [BLOCK_T, BLOCK_D]
+        if STRAIGHT_THROUGH:
+            b_e = b_r + (b_e - b_r)
         b_r = b_r - b_e
         if WRITE_Q:
             b_q = b_q + b_e

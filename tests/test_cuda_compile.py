@@ -76,3 +76,33 @@ def test_launcher_without_gpu_returns_error(lib):
     """Valid params on a machine without a GPU: an error code (no device / no driver), not a crash."""
     err = lib.fastcodec_conv1d_cuda(_params(), 0, None)
     assert err not in (0, 1), lib.fastcodec_cuda_error_string(err)
+
+
+def test_build_command_has_sass_and_ptx_for_the_inputs_arch():
+    cmd = C.cuda_build_command("nvcc", "90", "out.so")
+    assert "-gencode=arch=compute_90,code=sm_90" in cmd
+    assert "-gencode=arch=compute_90,code=compute_90" in cmd  # PTX: a newer GPU JITs it
+
+
+def test_build_key_has_arch_and_nvcc_version(monkeypatch):
+    monkeypatch.setattr(C, "_nvcc_version", lambda nvcc: "Build cuda_12.4")
+    d80, d90 = C.cuda_build_dir("nvcc", "80"), C.cuda_build_dir("nvcc", "90")
+    assert d80 != d90 and "sm80" in d80.name
+    monkeypatch.setattr(C, "_nvcc_version", lambda nvcc: "Build cuda_12.8")
+    assert C.cuda_build_dir("nvcc", "80") != d80
+
+
+def test_arch_is_the_inputs_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: seen.append(dev) or (8, 6))
+    dev = torch.device("cuda", 1)
+    assert C._cuda_arch(dev) == "86" and seen == [dev]
+
+
+def test_missing_nvcc_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(C, "_nvcc", lambda: None)
+    monkeypatch.setattr(C, "_cuda_arch", lambda dev=None: "00")
+    monkeypatch.delitem(C._cuda, "00", raising=False)
+    with pytest.raises(_build.ExtensionBuildError, match="nvcc .* is needed .* CUDA_HOME"):
+        C._cuda_lib(None)
+    C._cuda.pop("00", None)

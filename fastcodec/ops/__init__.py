@@ -6,6 +6,6 @@ compiled here (C++ extensions build on first use, Triton kernels are imported on
 from . import rvq  # noqa: F401  (fastcodec::rvq_* schemas and the reference impls)
 from . import rvq_cpp  # noqa: F401  (backend "cpp")
 from . import rvq_triton  # noqa: F401  (backend "triton")
-from .rvq import ema_update, kmeans, rvq_decode, rvq_encode, rvq_quantize  # noqa: F401
+from .rvq import ema_update, kmeans, rvq_decode, rvq_encode, rvq_quantize, rvq_quantize_train  # noqa: F401
 from . import conv  # noqa: F401  (fastcodec::conv1d / conv_transpose1d and their cpp/cuda backends)
 from .conv import conv1d, conv_transpose1d  # noqa: F401

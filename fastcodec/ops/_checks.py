@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _devcheck
 from ..reference import functional as Fq
 
 # Largest stride, dilation, padding, trim or kernel span the ops accept: far beyond any codec layer (SEANet
@@ -60,7 +61,10 @@ def check_x(x: torch.Tensor, codebooks: torch.Tensor) -> None:
     """The reference's latent check (shape, emptiness, device, NaN/Inf) for float32, and contiguity."""
     check_codebooks(codebooks)  # first: the latent check reads codebooks.shape[2]
     check_float32("x", x)
-    Fq.check_latent(x, codebooks.shape[2], torch.float32, codebooks.device)
+    word = _devcheck.active(x.device)  # deferred (GPU training step): NaN/Inf is flagged on the device
+    Fq.check_latent(x, codebooks.shape[2], torch.float32, codebooks.device, finite=word is None)
+    if word is not None:
+        _devcheck.flag(word, ~torch.isfinite(x).all(), _devcheck.X_NONFINITE)
     if not x.is_contiguous():
         raise ValueError("x must be contiguous (call .contiguous())")
 
@@ -108,7 +112,10 @@ def check_ema(residuals, codes, cluster_size, embed_avg, embed, decay, epsilon) 
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= bins):
+    word = _devcheck.active(codes.device)
+    if word is not None and codes.numel():  # deferred; out-of-range rows fall outside every segment anyway
+        _devcheck.flag(word, (codes.amin() < 0) | (codes.amax() >= bins), _devcheck.CODES_RANGE)
+    elif codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= bins):
         raise ValueError(f"codes out of range [0, {bins})")
 
 

@@ -12,7 +12,8 @@
   SEANet puts an ELU in front of every conv except the first and the shortcut.
 
 Backends (``fastcodec._backend.choose("conv", device)``): ``cpp`` (csrc/conv1d_cpu.cpp, padding and ELU
-done while packing the input, no padded copy), ``cuda`` (csrc/conv1d_cuda.cu, see ``_cuda_lib``) and
+done while packing the input, no padded copy), ``cuda`` (csrc/conv1d_cuda.cu, see ``_cuda_lib``; `auto` uses
+it only on GPUs where it was measured faster than cuDNN, ``_backend.CUDA_CONV_MEASURED_FASTER``) and
 ``reference`` (plain PyTorch, the oracle). The backward always runs in ATen.
 
 The transposed conv runs on the CPU as ``stride`` interleaved ordinary convs of ``ceil(K / stride)`` taps
@@ -269,8 +270,9 @@ class _Conv1dParams(ctypes.Structure):
          ("reserved", ctypes.c_int32)]
 
 
-_cuda = {"lib": None, "error": None}
+_cuda: dict[str, object] = {}  # arch -> loaded library or the error message of its failed build
 _cuda_lock = threading.Lock()
+CUDA_SOURCES = ("conv1d_cuda.cu", "conv1d_cuda_body.cuh", "conv1d_params.h")
 
 
 def _nvcc() -> str | None:
@@ -280,32 +282,65 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def _cuda_lib():
-    """Build (once per source/arch, cached and flock-guarded like ``_build``) and load the CUDA library."""
+NVCC_MISSING = ("nvcc (the CUDA toolkit's compiler) is needed to build fastcodec's CUDA conv and was not found "
+                "on PATH, in $CUDA_HOME/bin or $CUDA_PATH/bin. Fix: install the CUDA toolkit that matches "
+                "torch.version.cuda and set CUDA_HOME, or leave FASTCODEC_CONV_BACKEND unset (ATen/cuDNN runs the "
+                "convs on CUDA by default)")
+
+
+def _nvcc_version(nvcc: str) -> str:
+    """``nvcc --version``'s release line (part of the build key: a new toolkit must not reuse an old binary)."""
+    r = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
+    return lines[-1] if r.returncode == 0 and lines else f"unknown ({nvcc})"
+
+
+def _cuda_arch(device: torch.device | int | None = None) -> str:
+    """Compute capability of ``device`` (the input's, not the current device's), e.g. ``"90"``."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
+def cuda_build_command(nvcc: str, arch: str, out: str) -> list[str]:
+    """nvcc command for ``arch``: SASS for it plus its PTX, so a newer GPU can JIT the kernel."""
+    return [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC",
+            f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-gencode=arch=compute_{arch},code=compute_{arch}",
+            f"-I{_build.CSRC}", "-o", out, str(_build.CSRC / "conv1d_cuda.cu")]
+
+
+def cuda_build_dir(nvcc: str, arch: str) -> "os.PathLike":
+    """Cache directory keyed by the sources, the arch, the nvcc release and torch (like ``_build``)."""
+    h = hashlib.sha256()
+    for name in CUDA_SOURCES:
+        h.update(name.encode() + b"\0" + (_build.CSRC / name).read_bytes() + b"\0")
+    h.update(f"{arch}\0{_nvcc_version(nvcc)}\0{nvcc}\0".encode())
+    h.update("\0".join(cuda_build_command(nvcc, arch, "")).encode())
+    return _build.cache_root() / f"fastcodec-torch{torch.__version__}" / f"conv_cuda-sm{arch}-{h.hexdigest()[:16]}"
+
+
+def _cuda_lib(device: torch.device | int | None = None):
+    """Build (once per source/arch/nvcc, cached and flock-guarded like ``_build``) and load the CUDA library for
+    ``device``'s compute capability."""
     with _cuda_lock:
-        if _cuda["lib"] is not None:
-            return _cuda["lib"]
-        if _cuda["error"] is not None:
-            raise _build.ExtensionBuildError(_cuda["error"])
+        arch = _cuda_arch(device)
+        got = _cuda.get(arch)
+        if isinstance(got, str):
+            raise _build.ExtensionBuildError(got)
+        if got is not None:
+            return got
         try:
-            _cuda["lib"] = _build_cuda_lib()
+            _cuda[arch] = _build_cuda_lib(arch)
         except Exception as e:
-            _cuda["error"] = f"fastcodec could not build/load csrc/conv1d_cuda.cu: {type(e).__name__}: {e}"
-            raise _build.ExtensionBuildError(_cuda["error"]) from e
-        return _cuda["lib"]
+            _cuda[arch] = f"fastcodec could not build/load csrc/conv1d_cuda.cu for sm_{arch}: {type(e).__name__}: {e}"
+            raise _build.ExtensionBuildError(_cuda[arch]) from e
+        return _cuda[arch]
 
 
-def _build_cuda_lib():
+def _build_cuda_lib(arch: str):
     nvcc = _nvcc()
     if nvcc is None:
-        raise RuntimeError("nvcc not found: install the CUDA toolkit or set CUDA_HOME "
-                           "(or FASTCODEC_CONV_BACKEND=reference)")
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"{major}{minor}"
-    src = _build.CSRC / "conv1d_cuda.cu"
-    hdr = _build.CSRC / "conv1d_params.h"
-    h = hashlib.sha256(src.read_bytes() + hdr.read_bytes() + arch.encode()).hexdigest()[:16]
-    bdir = _build.cache_root() / f"fastcodec-torch{torch.__version__}" / f"conv_cuda-{h}"
+        raise RuntimeError(NVCC_MISSING)
+    bdir = cuda_build_dir(nvcc, arch)
     bdir.mkdir(parents=True, exist_ok=True)
     so = bdir / "libfastcodec_conv1d_cuda.so"
     with open(bdir / ".fastcodec-build.lock", "w") as lock:
@@ -313,8 +348,7 @@ def _build_cuda_lib():
         try:
             if not so.is_file():
                 tmp = bdir / f".tmp-{os.getpid()}.so"
-                cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                       f"-I{_build.CSRC}", "-o", str(tmp), str(src)]
+                cmd = cuda_build_command(nvcc, arch, str(tmp))
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 if r.returncode != 0:
                     raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
@@ -349,19 +383,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-@register_impl("cuda")
-def _conv1d_cuda(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha):
-    lib = _cuda_lib()
+def conv1d_params(x, weight, bias, skip, out, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha):
+    """The FcConv1dParams of one call (pointers into the given tensors; weight and bias contiguous)."""
     B, c_in, t_in = x.shape
     c_out, _, k = weight.shape
-    stride = _effective_stride(t_in, k, stride, dilation, pad_left, pad_right)
-    t_out = conv1d_output_length(t_in, k, stride, dilation, pad_left, pad_right)
-    weight = weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    out = torch.empty((B, c_out, t_out), dtype=x.dtype, device=x.device)
-    p = _Conv1dParams(
+    return _Conv1dParams(
         x=_ptr(x), weight=_ptr(weight), bias=_ptr(bias), skip=_ptr(skip), out=_ptr(out),
-        batch=B, c_in=c_in, c_out=c_out, t_in=t_in, t_out=t_out, kernel=k, stride=stride, dilation=dilation,
+        batch=B, c_in=c_in, c_out=c_out, t_in=t_in, t_out=out.shape[2], kernel=k, stride=stride, dilation=dilation,
         pad_left=pad_left, pad_right=pad_right,
         reflect_len=max(t_in, max(pad_left, pad_right) + 1) if pad_mode == "reflect" else t_in,
         x_stride_b=x.stride(0), x_stride_c=x.stride(1), x_stride_t=x.stride(2),
@@ -372,6 +400,19 @@ def _conv1d_cuda(x, weight, bias, skip, stride, dilation, pad_left, pad_right, p
         pad_mode=_PAD_CODE[pad_mode], has_elu=int(elu_alpha is not None),
         elu_alpha=float(elu_alpha) if elu_alpha is not None else 0.0, reserved=0,
     )
+
+
+@register_impl("cuda")
+def _conv1d_cuda(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha):
+    lib = _cuda_lib(x.device)
+    B, c_in, t_in = x.shape
+    c_out, _, k = weight.shape
+    stride = _effective_stride(t_in, k, stride, dilation, pad_left, pad_right)
+    t_out = conv1d_output_length(t_in, k, stride, dilation, pad_left, pad_right)
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty((B, c_out, t_out), dtype=x.dtype, device=x.device)
+    p = conv1d_params(x, weight, bias, skip, out, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     err = lib.fastcodec_conv1d_cuda(ctypes.byref(p), x.device.index or 0, stream)
     if err != 0:

@@ -61,6 +61,24 @@ def _quantize_ref(x, codebooks, code_norms, need_residuals: bool):
     return torch.stack(codes, dim=1), q_out.contiguous(), residuals
 
 
+@register_impl("rvq_quantize_train", "reference")
+def _quantize_train_ref(x, codebooks, code_norms):
+    # audiocraft's training arithmetic: layer k's value is r + (e - r), which the next residual subtracts
+    residual, q_out, codes, res = x, None, [], []
+    for embed in codebooks:
+        res.append(residual)
+        idx, q = Fq._quantize_layer(residual, embed)
+        q = residual + (q - residual)
+        residual = residual - q
+        q_out = q if q_out is None else q_out + q
+        codes.append(idx)
+    return torch.stack(codes, dim=1), q_out.contiguous(), torch.stack(res).contiguous()
+
+
+# the C++ training step runs layer by layer (fastcodec/quantization.py); this op is the GPU step's
+IMPLS[("rvq_quantize_train", "cpp")] = _quantize_train_ref
+
+
 @register_impl("rvq_encode", "reference")
 def _encode_ref(x, codebooks, code_norms):
     return _quantize_ref(x, codebooks, code_norms, False)[0]
@@ -126,6 +144,25 @@ def _(x, codebooks, code_norms, need_residuals):
     K = codebooks.shape[0]
     res = x.new_empty((K, B, D, T)) if need_residuals else x.new_empty(0)
     return x.new_empty((B, K, T), dtype=torch.long), x.new_empty((B, D, T)), res
+
+
+@torch.library.custom_op("fastcodec::rvq_quantize_train", mutates_args=())
+def rvq_quantize_train(
+    x: torch.Tensor, codebooks: torch.Tensor, code_norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rvq_quantize`` with audiocraft's training arithmetic (every layer's value is the straight-through
+    ``r + (e - r)``, which the next residual subtracts): codes (B, K, T), the sum of those values (B, D, T),
+    and every layer's input (K, B, D, T), for the fused training step."""
+    check_x(x, codebooks)
+    check_codebooks(codebooks, code_norms)
+    return _impl("rvq_quantize_train", x.device)(x, codebooks, code_norms)
+
+
+@rvq_quantize_train.register_fake
+def _(x, codebooks, code_norms):
+    B, D, T = x.shape
+    K = codebooks.shape[0]
+    return x.new_empty((B, K, T), dtype=torch.long), x.new_empty((B, D, T)), x.new_empty((K, B, D, T))
 
 
 @torch.library.custom_op("fastcodec::rvq_decode", mutates_args=())

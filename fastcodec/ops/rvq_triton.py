@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, _devcheck
 from .rvq import register_impl
 
 MAX_DIM = 512
@@ -94,7 +94,7 @@ def _encode_config(N: int, D: int, sm_count: int) -> dict:
 
 
 def _launch_encode(x: torch.Tensor, codebooks: torch.Tensor, code_norms: torch.Tensor,
-                   need_quantized: bool, need_residuals: bool):
+                   need_quantized: bool, need_residuals: bool, straight_through: bool = False):
     """x: (B, D, T) -> codes (B, K, T) int64, quantized (B, D, T) or None, residuals (K, B, D, T) or None.
 
     No finiteness check here (the op does it): NaN rows get in-range codes, never a wild index.
@@ -118,11 +118,12 @@ def _launch_encode(x: torch.Tensor, codebooks: torch.Tensor, code_norms: torch.T
     if B * T == 0:
         return codes, (q.zero_() if q is not None else None), res
     _encode_rows(x, B, T, D, x.stride(0), x.stride(2), x.stride(1), codebooks, code_norms,
-                 codes, codes.stride(0), codes.stride(1), codes.stride(2), q, res, dev)
+                 codes, codes.stride(0), codes.stride(1), codes.stride(2), q, res, dev, straight_through)
     return codes, q, res
 
 
-def _encode_rows(x, B, T, D, sxb, sxt, sxd, codebooks, code_norms, codes, scb, sck, sct, q, res, dev):
+def _encode_rows(x, B, T, D, sxb, sxt, sxd, codebooks, code_norms, codes, scb, sck, sct, q, res, dev,
+                 straight_through=False):
     rvq, _ = _load_kernels()
     K, bins, _ = codebooks.shape
     N = B * T
@@ -135,7 +136,7 @@ def _encode_rows(x, B, T, D, sxb, sxt, sxd, codebooks, code_norms, codes, scb, s
         sxb, sxt, sxd,
         scb, sck, sct,
         B * D * T,
-        WRITE_Q=q is not None, WRITE_RES=res is not None,
+        WRITE_Q=q is not None, WRITE_RES=res is not None, STRAIGHT_THROUGH=straight_through,
         enable_fp_fusion=False,  # keep audiocraft's separately rounded (|r|^2 - 2 r.e) + |e|^2
         **cfg,
     )
@@ -221,22 +222,25 @@ def _launch_ema(residuals, codes, cluster_size, embed_avg, embed, decay: float, 
     dev = _check_device(residuals, codes, cluster_size, embed_avg, embed)
     _, ema = _load_kernels()
     N = B * T
+    # one launch sequence for all K layers, no host sync: stable sort and searchsorted on the device, then
+    # the segmented-sum update and the normalisation (each gated by a deferred check's error word, if any)
     perm, starts = _segments(codes.transpose(0, 1).reshape(K, N), bins)
+    err = _devcheck.active(dev)
     BLOCK_D = _next_pow2(D)
     block_c, num_warps = _segment_config(dev.type, BLOCK_D)
     ema._ema_update_kernel[(_cdiv(bins, block_c), K)](
         residuals, perm, starts, cluster_size, embed_avg,
         N, T, D, bins,
         residuals.stride(0), residuals.stride(1), residuals.stride(3), residuals.stride(2),
-        float(decay), float(1.0 - decay),
-        BLOCK_C=block_c, BLOCK_R=_SEG_ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        float(decay), float(1.0 - decay), err if err is not None else perm,
+        BLOCK_C=block_c, BLOCK_R=_SEG_ROWS, BLOCK_D=BLOCK_D, HAS_ERR=err is not None, num_warps=num_warps,
         enable_fp_fusion=False,  # the kernel places its one fma itself, where torch has it
     )
     cfg = _normalize_config(dev.type, bins, BLOCK_D)
     ema._ema_normalize_kernel[(_cdiv(bins, cfg["BLOCK_C"]), K)](
         cluster_size, embed_avg, embed, bins, D,
-        float(epsilon), float(bins * epsilon),
-        enable_fp_fusion=False, **cfg,
+        float(epsilon), float(bins * epsilon), err if err is not None else cluster_size,
+        HAS_ERR=err is not None, enable_fp_fusion=False, **cfg,
     )
 
 
@@ -284,6 +288,12 @@ def _encode_triton(x, codebooks, code_norms):
 def _quantize_triton(x, codebooks, code_norms, need_residuals: bool):
     codes, q, res = _launch_encode(x, codebooks, code_norms, True, need_residuals)
     return codes, q, res if res is not None else x.new_empty(0)
+
+
+@register_impl("rvq_quantize_train", "triton")
+def _quantize_train_triton(x, codebooks, code_norms):
+    codes, q, res = _launch_encode(x, codebooks, code_norms, True, True, straight_through=True)
+    return codes, q, res
 
 
 @register_impl("rvq_decode", "triton")
