@@ -19,6 +19,7 @@ the codebooks as one process would on the concatenated batch: one all-reduce of 
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -65,7 +66,12 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
 
     def _sync_group(self):
         """The group to synchronise over, or False when the step runs as a single process."""
-        if not self.sync_ema or _dist.world_size(self.process_group) == 1:
+        if not self.sync_ema:
+            return False
+        if isinstance(self.process_group, str):
+            raise RuntimeError("this quantizer was pickled with a process_group, which belongs to the process "
+                               "that made it; set `.process_group` to a group of this process")
+        if _dist.world_size(self.process_group) == 1:
             return False
         return self.process_group
 
@@ -108,7 +114,17 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         return memo.get(_CODEBOOKS, embeds, make)
 
     def __getstate__(self):  # the memo holds tensors of this module: never copied or pickled
-        return {k: v for k, v in self.__dict__.items() if k != "_fc_memo"}
+        state = {k: v for k, v in self.__dict__.items() if k != "_fc_memo"}
+        if state.get("process_group") is not None:  # cannot be pickled: the unpickled module asks for one
+            state["process_group"] = "detached"
+        return state
+
+    def __deepcopy__(self, memo):  # as nn.Module's, but a copy shares the process group (it cannot be copied)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__({k: v if k == "process_group" else copy.deepcopy(v, memo)
+                          for k, v in self.__dict__.items() if k != "_fc_memo"})
+        return new
 
     def _check_x(self, x) -> None:
         if torch.compiler.is_compiling():

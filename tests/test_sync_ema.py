@@ -12,7 +12,9 @@ One start of 4 processes checks everything:
 """
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import sys
 import types
 
@@ -100,6 +102,19 @@ def _run_default(rank: int, world: int) -> dict:
     return out
 
 
+def _copies(group) -> dict:
+    """A process group cannot be copied or pickled: a deep copy shares it; an unpickled module refuses to
+    synchronise until it is given one."""
+    m = fastcodec.ResidualVectorQuantizer(sync_ema=True, process_group=group, **SYNC_KW)
+    c, u = copy.deepcopy(m), pickle.loads(pickle.dumps(m))
+    try:
+        u(torch.zeros(B, D, T), frame_rate=75)
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    return {"deepcopy_shares_group": c.process_group is group, "unpickled_refuses": refused}
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ["FASTCODEC_RVQ_BACKEND"] = "cpp"
@@ -109,6 +124,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         "sync4": _run_sync(rank, world, None, seed=1),
         "sync2": _run_sync(rank % 2, 2, pairs[rank // 2], seed=2 + rank // 2),
         "default": _run_default(rank, world),
+        "copies": _copies(pairs[rank // 2]),
     }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -193,6 +209,12 @@ def test_default_mode_matches_audiocraft_under_distributed(ranks):
     # audiocraft's mode keeps the ranks apart: each rank's EMA step sees its own batch
     after = [run["ref"]["states"][0]["vq.layers.0._codebook.embed_avg"] for run in runs]
     assert not any(torch.equal(after[r], after[0]) for r in range(1, 4))
+
+
+def test_copies_with_a_process_group(ranks):
+    for r in ranks:
+        assert r["copies"]["deepcopy_shares_group"]
+        assert "pickled with a process_group" in r["copies"]["unpickled_refuses"]
 
 
 def test_sync_ema_bad_arguments():
