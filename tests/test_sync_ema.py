@@ -2,9 +2,9 @@
 concatenated batch, and the default mode against audiocraft's own module run in the same processes.
 
 One start of 4 processes checks everything:
-- ``sync_ema=True`` over the 4 ranks, and over the pairs {0, 1} and {2, 3} (``process_group``): after every
-  step the buffers are bitwise the same on every rank of the group, and equal to one process's step on the
-  concatenated batch from the same state (codes exactly, cluster_size bitwise, embed/embed_avg to float32
+- ``sync_ema=True`` over the 4 ranks, and over the pairs {0, 1} and {2, 3} (``process_group``; ranks 2 and 3
+  hold 1 and 3 batch rows): after every step the buffers are bitwise the same on every rank of the group,
+  and equal to one process's step on the concatenated batch from the same state (codes exactly, cluster_size bitwise, embed/embed_avg to float32
   rounding: the all-reduce adds the ranks' partial ``embed_sum`` in another order than one process does);
 - default mode over the 4 ranks: audiocraft's ``ResidualVectorQuantizer`` (with flashy's broadcast),
   our reference and the fast module, lockstep on each rank's own batch, with every step expiring codes so
@@ -49,13 +49,15 @@ def _snapshot(m) -> dict:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def _run_sync(rank: int, world: int, group, seed: int) -> dict:
+def _run_sync(rank: int, world: int, group, seed: int, sizes: list[int]) -> dict:
+    """``sizes``: each rank's share of the world * B batch rows (they may differ)."""
     torch.manual_seed(0)
     m = fastcodec.ResidualVectorQuantizer(sync_ema=True, process_group=group, **SYNC_KW).train()
     states, codes = [_snapshot(m)], []
+    lo = sum(sizes[:rank])
     for step, x in enumerate(_batches(seed, world)):
         torch.manual_seed(100 + step)
-        codes.append(m(x[rank * B:(rank + 1) * B], frame_rate=75).codes)
+        codes.append(m(x[lo:lo + sizes[rank]], frame_rate=75).codes)
         states.append(_snapshot(m))
     return {"states": states, "codes": codes}
 
@@ -121,8 +123,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     result = {
-        "sync4": _run_sync(rank, world, None, seed=1),
-        "sync2": _run_sync(rank % 2, 2, pairs[rank // 2], seed=2 + rank // 2),
+        "sync4": _run_sync(rank, world, None, seed=1, sizes=[B] * world),
+        # the second pair's ranks hold 1 and 3 batch rows: gathers and the frame count handle unequal shares
+        "sync2": _run_sync(rank % 2, 2, pairs[rank // 2], seed=2 + rank // 2, sizes=[[B, B], [1, 2 * B - 1]][rank // 2]),
         "default": _run_default(rank, world),
         "copies": _copies(pairs[rank // 2]),
     }
