@@ -316,5 +316,6 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
                 smoothed = (cbk.cluster_size + float(cbk.epsilon)) / (n + bins * float(cbk.epsilon)) * n
                 cbk.embed.copy_(cbk.embed_avg / smoothed.unsqueeze(1))
             if layer.orthogonal_reg_weight > 0:
-                losses[k] = losses[k] + layer._orthogonal_penalty(codes[:, 0], codes.device) * layer.orthogonal_reg_weight
+                penalty = layer._orthogonal_penalty(codes[:, 0], codes.device)
+                losses[k] = losses[k] + penalty * layer.orthogonal_reg_weight
         stats.buf.zero_()

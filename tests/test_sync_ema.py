@@ -4,8 +4,9 @@ concatenated batch, and the default mode against audiocraft's own module run in 
 One start of 4 processes checks everything:
 - ``sync_ema=True`` over the 4 ranks, and over the pairs {0, 1} and {2, 3} (``process_group``; ranks 2 and 3
   hold 1 and 3 batch rows): after every step the buffers are bitwise the same on every rank of the group,
-  and equal to one process's step on the concatenated batch from the same state (codes exactly, cluster_size bitwise, embed/embed_avg to float32
-  rounding: the all-reduce adds the ranks' partial ``embed_sum`` in another order than one process does);
+  and equal to one process's step on the concatenated batch from the same state (codes exactly, cluster_size
+  bitwise, embed/embed_avg to float32 rounding: the all-reduce adds the ranks' partial ``embed_sum`` in
+  another order than one process does);
 - default mode over the 4 ranks: audiocraft's ``ResidualVectorQuantizer`` (with flashy's broadcast),
   our reference and the fast module, lockstep on each rank's own batch, with every step expiring codes so
   buffers are broadcast from rank 0 after k-means init and after every expiry.
@@ -32,7 +33,7 @@ from tests.utils import U32, max_abs_err
 ERR_FACTOR = 4.0
 D, BINS, K, B, T, STEPS = 8, 16, 3, 2, 12, 3
 SYNC_KW = dict(dimension=D, n_q=K, bins=BINS, kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=2,
-               q_dropout=True, decay=0.9)
+               q_dropout=True, decay=0.9, orthogonal_reg_weight=0.1)
 # threshold far above any cluster size: every layer expires codes at every step on every rank, so the
 # ranks take the same decision and audiocraft broadcasts (its ranks' EMA states differ between steps, so a
 # threshold they straddle would make some ranks broadcast alone: a mismatched collective)
@@ -125,7 +126,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     result = {
         "sync4": _run_sync(rank, world, None, seed=1, sizes=[B] * world),
         # the second pair's ranks hold 1 and 3 batch rows: gathers and the frame count handle unequal shares
-        "sync2": _run_sync(rank % 2, 2, pairs[rank // 2], seed=2 + rank // 2, sizes=[[B, B], [1, 2 * B - 1]][rank // 2]),
+        "sync2": _run_sync(rank % 2, 2, pairs[rank // 2], seed=2 + rank // 2,
+                           sizes=[[B, B], [1, 2 * B - 1]][rank // 2]),
         "default": _run_default(rank, world),
         "copies": _copies(pairs[rank // 2]),
     }
