@@ -71,15 +71,6 @@ def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat([out[r, : sizes[r]] for r in range(W)])
 
 
-def total_rows(n: int, device: torch.device, group=None) -> int:
-    """Sum over the group of ``n`` (one small all-reduce)."""
-    if world_size(group) == 1:
-        return n
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(t, group=group)
-    return int(t.item())
-
-
 class EmaStats:
     """One flat float32 buffer: ``[frames | counts (K, bins) | embed_sum (K, bins, D)]``.
 
