@@ -11,9 +11,15 @@ reference code.
   layer by layer, in the reference's order of operations and of torch RNG draws (k-means init via the
   ``kmeans`` op, dead-code expiry, EMA via ``ema_update``), so with the same seed the buffers match the
   reference's to float32 rounding.
+
+Under ``torch.distributed`` the default reproduces audiocraft (buffers broadcast from rank 0 after k-means
+init and dead-code expiry; each rank's EMA sees its own batch). ``sync_ema=True`` makes the ranks update
+the codebooks as one process would on the concatenated batch: one all-reduce of every layer's counts and
+``embed_sum`` per step, k-means on the gathered sample (docs/distributed-training.md).
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -21,6 +27,7 @@ import torch
 
 from . import _backend, _cache, _hooks, ops
 from . import _fused_train as _fused
+from . import distributed as _dist
 from .ops import rvq_cpp
 from .reference import functional as Fq
 from .reference.quantization import QuantizedResult
@@ -40,10 +47,34 @@ def _check_finite_codebooks(cb: torch.Tensor, first_layer: int = 0) -> None:
 
 
 class ResidualVectorQuantizer(_ReferenceRVQ):
-    """Drop-in for ``audiocraft.quantization.ResidualVectorQuantizer`` (same arguments)."""
+    """Drop-in for ``audiocraft.quantization.ResidualVectorQuantizer`` (same arguments), plus:
 
-    def __init__(self, *args, **kwargs):
+    sync_ema: under ``torch.distributed``, synchronise the codebooks across the processes of
+        ``process_group`` (default: the default group) so that N ranks update them exactly as one process
+        on the concatenated batch would, and bitwise the same on every rank. Default False: audiocraft's
+        behaviour. Not part of the ``state_dict``. Needs every rank of the group to call ``forward``
+        in the same mode (training/eval) at each step, as DDP does.
+    """
+
+    def __init__(self, *args, sync_ema: bool = False, process_group=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if not isinstance(sync_ema, bool):
+            raise TypeError(f"sync_ema must be a bool, got {type(sync_ema).__name__}")
+        if process_group is not None and not sync_ema:
+            raise ValueError("process_group is only used with sync_ema=True")
+        self.sync_ema = sync_ema
+        self.process_group = process_group
+
+    def _sync_group(self):
+        """The group to synchronise over, or False when the step runs as a single process."""
+        if not self.sync_ema:
+            return False
+        if isinstance(self.process_group, str):
+            raise RuntimeError("this quantizer was pickled with a process_group, which belongs to the process "
+                               "that made it; set `.process_group` to a group of this process")
+        if _dist.world_size(self.process_group) == 1:
+            return False
+        return self.process_group
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -84,7 +115,17 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         return memo.get(_CODEBOOKS, embeds, make)
 
     def __getstate__(self):  # the memo holds tensors of this module: never copied or pickled
-        return {k: v for k, v in self.__dict__.items() if k not in ("_fc_memo", _fused.STATE)}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fc_memo", _fused.STATE)}
+        if state.get("process_group") is not None:  # cannot be pickled: the unpickled module asks for one
+            state["process_group"] = "detached"
+        return state
+
+    def __deepcopy__(self, memo):  # as nn.Module's, but a copy shares the process group (it cannot be copied)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__({k: v if k == "process_group" else copy.deepcopy(v, memo)
+                          for k, v in self.__dict__.items() if k not in ("_fc_memo", _fused.STATE)})
+        return new
 
     def _check_x(self, x) -> None:
         if torch.compiler.is_compiling():
@@ -112,9 +153,15 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
 
     def forward(self, x: torch.Tensor, frame_rate: float) -> QuantizedResult:
         """x: (B, D, T), frame_rate in Hz -> QuantizedResult(x, codes (B, n_q, T), bandwidth, penalty)."""
-        if self._use_reference() or _hooks.has_inner_hooks(self):  # hooks on inner modules fire there
-            return super().forward(x, frame_rate)
-        fused = self.training and isinstance(x, torch.Tensor) and self._fused_step_ok(x, self.n_q)
+        group = self._sync_group()
+        if group is not False and (_hooks.has_inner_hooks(self) or self._use_reference()):
+            raise RuntimeError("sync_ema=True runs fastcodec's layer loop (float32, fastcodec backends); it "
+                               "cannot run the reference code or hooks on inner modules")
+        if group is False and (self._use_reference() or _hooks.has_inner_hooks(self)):
+            return super().forward(x, frame_rate)  # hooks on inner modules fire there
+        # the fused step updates each rank's EMA alone: with sync_ema the synced layer loop runs instead
+        fused = (group is False and self.training and isinstance(x, torch.Tensor)
+                 and self._fused_step_ok(x, self.n_q))
         if fused:  # no host sync: NaN/Inf in x is flagged on the device (fastcodec/_devcheck.py)
             embed = self.vq.layers[0].codebook
             Fq.check_latent(x, self.dimension, embed.dtype, embed.device, finite=False)
@@ -124,11 +171,15 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         n_q = self.n_q
         if self.training and self.q_dropout:
             n_q = int(torch.randint(1, self.n_q + 1, (1,)).item())  # CPU generator: no device sync
+            if group is not False:  # every rank must run (and all-reduce) the same layers: rank 0 decides
+                n_q = _dist.broadcast_int(n_q, x.device, group)
         if fused:
             return _fused.train_step(self, x, n_q, n_q * math.log2(self.bins) * frame_rate / 1000)
         bw = torch.tensor(n_q * math.log2(self.bins) * frame_rate / 1000).to(x)
         layers = self.vq.layers[:n_q]
         if self.training or not all(bool(layer._codebook.inited) for layer in layers):
+            if group is not False:
+                return self._forward_layers_synced(x, n_q, bw, group)
             return self._forward_layers(x, n_q, bw)
         cb, norms = self._codebooks(n_q)
         codes, quantized, _ = ops.rvq_quantize(x.detach().contiguous(), cb, norms, False)
@@ -163,6 +214,7 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
                     cbk.embed_avg.copy_(means)
                     cbk.cluster_size.copy_(counts)
                     cbk.inited.fill_(1.0)
+                    _dist.broadcast_buffers(cbk.buffers())  # audiocraft under torch.distributed: rank 0's
             cb = cbk.embed.detach().unsqueeze(0).contiguous()
             if not torch.compiler.is_compiling():
                 _check_finite_codebooks(cb, len(all_codes))
@@ -172,6 +224,8 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
                 # same call, so only its RNG draw is observable; make the same draw.
                 if cbk.threshold_ema_dead_code > 0 and bool((cbk.cluster_size < cbk.threshold_ema_dead_code).any()):
                     Fq.sample_vectors(samples, cbk.codebook_size)
+                    with torch.no_grad():  # audiocraft under torch.distributed: rank 0's buffers, then this EMA
+                        _dist.broadcast_buffers(cbk.buffers())
                 with torch.no_grad():  # in place on the buffers (not .data): their version counters move
                     ops.ema_update(residual.unsqueeze(0), codes, cbk.cluster_size.unsqueeze(0),
                                    cbk.embed_avg.unsqueeze(0), cbk.embed.unsqueeze(0),
@@ -193,3 +247,95 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
             quantized_out = x + (quantized_out - x).detach()
         return QuantizedResult(quantized_out, torch.cat(all_codes, dim=1), bw,
                                penalty=torch.mean(torch.stack(losses)))
+
+    def _forward_layers_synced(self, x: torch.Tensor, n_q: int, bw: torch.Tensor, group) -> QuantizedResult:
+        """``_forward_layers`` with the codebooks synchronised over ``group`` (``sync_ema=True``, > 1 process).
+
+        The same operations and torch RNG draws as one process on the concatenated batch (rank order):
+        - k-means runs on the sample gathered from all ranks; every rank draws and iterates (so the RNG
+          streams stay those of one process), then rank 0's result is broadcast so the ranks agree bitwise
+          whatever their seeds;
+        - each layer's counts and ``embed_sum`` come from the EMA kernel itself (``ema_update`` with
+          ``decay=0`` into zeroed rows: exactly the counts and the sums), and all layers travel in one
+          all-reduce after the loop. That is the single-process result because layer k+1's input uses layer
+          k's codewords from before its update. On a call that runs k-means the layers are reduced one by one
+          instead, so that every RNG draw keeps its single-process order;
+        - dead-code expiry only draws from the RNG (audiocraft's EMA step overwrites the replaced codes in
+          the same call), over the total number of frames; the decision reads the synchronised
+          ``cluster_size``, so every rank takes the same one;
+        - the orthogonal penalty is measured on the updated codebook, as in audiocraft.
+        """
+        B, D, T = x.shape
+        N, bins = B * T, self.bins
+        training = self.training
+        layers = list(self.vq.layers)[:n_q]
+        per_layer = not all(bool(layer._codebook.inited) for layer in layers)
+        stats = _dist.EmaStats(1 if per_layer else n_q, bins, D, x.device) if training else None
+        scratch = x.new_empty((1, bins, D), dtype=torch.float32) if training else None
+        residual = x.detach().contiguous()
+        ident = x - x.detach()  # zero-valued; gives the commitment loss its gradient to x
+        quantized_out, all_codes, losses, pending = None, [], [], []
+        for k, layer in enumerate(layers):
+            cbk = layer._codebook
+            samples = residual.transpose(1, 2).reshape(N, D)
+            if not bool(cbk.inited):
+                everyone = _dist.gather_rows(samples, group)
+                init = Fq.sample_vectors(everyone, cbk.codebook_size)
+                means, counts = ops.kmeans(everyone.contiguous(), init.contiguous(), cbk.kmeans_iters)
+                # counts < 2^24 per code are exact in float32: one broadcast for both
+                packed = _dist.broadcast_(torch.cat([means.reshape(-1), counts.to(means.dtype)]), group)
+                with torch.no_grad():
+                    cbk.embed.copy_(packed[: means.numel()].view_as(means))
+                    cbk.embed_avg.copy_(cbk.embed)
+                    cbk.cluster_size.copy_(packed[means.numel():])
+                    cbk.inited.fill_(1.0)
+            cb = cbk.embed.detach().unsqueeze(0).contiguous()
+            if not torch.compiler.is_compiling():
+                _check_finite_codebooks(cb, k)
+            codes, q, _ = ops.rvq_quantize(residual, cb, cb.pow(2).sum(-1), False)
+            if training:
+                j = len(pending)
+                with torch.no_grad():  # decay 0 into zeroed rows: counts and embed_sum, the kernel's own sums
+                    ops.ema_update(residual.unsqueeze(0), codes, stats.counts[j: j + 1], stats.sums[j: j + 1],
+                                   scratch, 0.0, float(cbk.epsilon))
+                pending.append((k, codes))
+                q = residual + (q - residual)  # the value of audiocraft's straight-through output
+                loss = torch.zeros(1, device=x.device, requires_grad=True)
+                if layer.commitment_weight > 0:
+                    r = residual + ident  # value: the residual; gradient: identity to x
+                    loss = loss + Fq.commitment_loss(r.transpose(1, 2), q.transpose(1, 2)) * layer.commitment_weight
+            else:
+                loss = torch.zeros(1, device=x.device)
+            losses.append(loss)
+            all_codes.append(codes)
+            residual = residual - q
+            quantized_out = q if quantized_out is None else quantized_out + q
+            if training and (per_layer or k == n_q - 1):
+                self._apply_synced_ema(stats, pending, losses, N, group)
+                pending = []
+        if training:
+            quantized_out = x + (quantized_out - x).detach()
+        return QuantizedResult(quantized_out, torch.cat(all_codes, dim=1), bw,
+                               penalty=torch.mean(torch.stack(losses)))
+
+    def _apply_synced_ema(self, stats, pending, losses, frames: int, group) -> None:
+        """All-reduce ``stats`` (layers ``pending``, in order), then per layer: the expiry draw, the EMA step
+        with the group's counts and sums (the EMA kernel's float32 arithmetic), the orthogonal penalty."""
+        total = stats.all_reduce(frames, group)
+        for j, (k, codes) in enumerate(pending):
+            layer = self.vq.layers[k]
+            cbk = layer._codebook
+            if cbk.threshold_ema_dead_code > 0 and bool((cbk.cluster_size < cbk.threshold_ema_dead_code).any()):
+                Fq.sample_vectors(stats.buf.new_empty((total, 0)), cbk.codebook_size)  # only the draw is observable
+            decay, bins = float(cbk.decay), cbk.codebook_size
+            with torch.no_grad():  # in place on the buffers (not .data): their version counters move
+                # fma(x, 1 - decay, buf * decay), as the kernels (and torch's add_ with alpha) compute it
+                cbk.cluster_size.mul_(decay).add_(stats.counts[j], alpha=1.0 - decay)
+                cbk.embed_avg.mul_(decay).add_(stats.sums[j], alpha=1.0 - decay)
+                n = cbk.cluster_size.double().sum().float()  # the C++ kernel sums in float64, rounds once
+                smoothed = (cbk.cluster_size + float(cbk.epsilon)) / (n + bins * float(cbk.epsilon)) * n
+                cbk.embed.copy_(cbk.embed_avg / smoothed.unsqueeze(1))
+            if layer.orthogonal_reg_weight > 0:
+                penalty = layer._orthogonal_penalty(codes[:, 0], codes.device)
+                losses[k] = losses[k] + penalty * layer.orthogonal_reg_weight
+        stats.buf.zero_()

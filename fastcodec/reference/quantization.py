@@ -7,7 +7,9 @@ are bit-identical to it on the same machine. Checkpoints of encodec 0.1.1's quan
 load too. Tensors: latents ``x: (batch, dim, time)``, codes ``(batch, n_q, time)`` int64.
 
 One audiocraft quirk is kept on purpose: dead-code expiry writes sampled vectors into ``embed``, and
-the EMA step of the same call overwrites them, so expiry only consumes the RNG.
+the EMA step of the same call overwrites them, so expiry only consumes the RNG. Under
+``torch.distributed`` the buffers are broadcast from rank 0 after k-means init and after expiry, as
+audiocraft does (``broadcast_tensors``); each rank's EMA step still sees only its own batch.
 """
 from __future__ import annotations
 
@@ -33,6 +35,27 @@ class QuantizedResult:
     bandwidth: torch.Tensor
     penalty: Optional[torch.Tensor] = None
     metrics: dict = field(default_factory=dict)
+
+
+def broadcast_tensors(tensors, src: int = 0) -> None:
+    """audiocraft's ``flashy.distrib.broadcast_tensors``: under ``torch.distributed`` with more than one
+    process, check that every rank passes the same number of float tensors (one all-reduce), then
+    broadcast each from ``src`` in place. A no-op otherwise."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    tensors = [t for t in tensors if torch.is_floating_point(t) or torch.is_complex(t)]
+    if not tensors:
+        return
+    n = torch.tensor([len(tensors)], device=tensors[0].device, dtype=torch.long)
+    torch.distributed.all_reduce(n)
+    if n.item() != len(tensors) * torch.distributed.get_world_size():
+        raise RuntimeError("broadcast_tensors: the ranks hold different numbers of tensors "
+                           "(they took different code paths, e.g. different dead-code expiry decisions)")
+    handles = [torch.distributed.broadcast(t.data, src=src, async_op=True) for t in tensors]
+    for h in handles:
+        h.wait()
 
 
 def _uniform_init(*shape: int) -> torch.Tensor:
@@ -81,6 +104,7 @@ class EuclideanCodebook(nn.Module):
         self.embed_avg.data.copy_(embed)
         self.cluster_size.data.copy_(cluster_size)
         self.inited.data.fill_(1.0)
+        broadcast_tensors(self.buffers())  # audiocraft: rank 0's k-means wins under torch.distributed
 
     def replace_(self, samples: torch.Tensor, mask: torch.Tensor) -> None:
         """Overwrite the codewords where ``mask: (bins,)`` is set with rows sampled from ``samples: (N, dim)``."""
@@ -95,6 +119,7 @@ class EuclideanCodebook(nn.Module):
         if not torch.any(expired):
             return
         self.replace_(batch_samples.reshape(-1, batch_samples.shape[-1]), mask=expired)
+        broadcast_tensors(self.buffers())  # audiocraft: rank 0's buffers before this rank's EMA step
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
