@@ -14,11 +14,12 @@ from contextlib import contextmanager
 
 import torch
 
-X_NONFINITE, CODES_RANGE, CODEBOOK_NONFINITE = 1, 2, 4
+X_NONFINITE, CODES_RANGE, CODEBOOK_NONFINITE, EMA_NONFINITE = 1, 2, 4, 8
 _NO_LAYER = 1 << 62
 _MESSAGES = {
     X_NONFINITE: "x contains NaN or Inf: the nearest codeword is undefined",
     CODES_RANGE: "codes out of range [0, bins)",
+    EMA_NONFINITE: "ema_update: residuals, cluster_size or embed_avg contains NaN or Inf",
 }
 
 _local = threading.local()

@@ -271,7 +271,7 @@ class ResidualVectorQuantizer(_ReferenceRVQ):
         layers = list(self.vq.layers)[:n_q]
         per_layer = not all(bool(layer._codebook.inited) for layer in layers)
         stats = _dist.EmaStats(1 if per_layer else n_q, bins, D, x.device) if training else None
-        scratch = x.new_empty((1, bins, D), dtype=torch.float32) if training else None
+        scratch = x.new_zeros((1, bins, D), dtype=torch.float32) if training else None  # written: kept finite for the checks
         residual = x.detach().contiguous()
         ident = x - x.detach()  # zero-valued; gives the commitment loss its gradient to x
         quantized_out, all_codes, losses, pending = None, [], [], []

@@ -104,15 +104,20 @@ def check_ema(residuals, codes, cluster_size, embed_avg, embed, decay, epsilon) 
             raise ValueError(f"{n} must be contiguous")
     check_same_device("ema_update", residuals=residuals, codes=codes, cluster_size=cluster_size,
                       embed_avg=embed_avg, embed=embed)
-    # NaN/Inf would spread differently through the fused sums than through audiocraft's one-hot matmul
-    for n, t in (("residuals", residuals), ("cluster_size", cluster_size), ("embed_avg", embed_avg),
-                 ("embed", embed)):
-        check_finite(n, t)
     if not (0.0 <= decay <= 1.0):
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    # NaN/Inf would spread differently through the fused sums than through audiocraft's one-hot matmul
+    # (embed is only written: embed_avg / smoothed cluster_size)
+    named = (("residuals", residuals), ("cluster_size", cluster_size), ("embed_avg", embed_avg))
     word = _devcheck.active(codes.device)
+    if word is not None:  # deferred (GPU training step): flagged on the device, the EMA kernels then write nothing
+        bad = torch.stack([~torch.isfinite(t).all() for _, t in named]).any()
+        _devcheck.flag(word, bad, _devcheck.EMA_NONFINITE)
+    else:
+        for n, t in named:
+            check_finite(n, t)
     if word is not None and codes.numel():  # deferred; out-of-range rows fall outside every segment anyway
         _devcheck.flag(word, (codes.amin() < 0) | (codes.amax() >= bins), _devcheck.CODES_RANGE)
     elif codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= bins):
