@@ -78,6 +78,12 @@ class DiscriminatorSTFT(nn.Module):
         if not (0 < win_length <= n_fft and hop_length > 0):
             raise ValueError(f"need 0 < win_length <= n_fft and hop_length > 0, got n_fft={n_fft}, "
                              f"hop_length={hop_length}, win_length={win_length}")
+        if min(filters_scale * filters, max_filters) != filters:
+            # audiocraft/encodec build such a network too, but its second conv then expects
+            # min(filters_scale * filters, max_filters) input channels where the first gives `filters`
+            raise ValueError(f"filters_scale * filters must equal filters or be capped to it by max_filters "
+                             f"(the first two convs must agree), got filters={filters}, "
+                             f"filters_scale={filters_scale}, max_filters={max_filters}")
         self.filters = filters
         self.in_channels = in_channels
         self.out_channels = out_channels
