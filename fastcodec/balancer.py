@@ -81,7 +81,11 @@ class Balancer:
     def metrics(self):
         return self._metrics
 
-    def backward(self, losses: tp.Dict[str, torch.Tensor], input: torch.Tensor) -> torch.Tensor:
+    def backward(self, losses: tp.Dict[str, torch.Tensor], input: torch.Tensor,
+                 other: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``other``: a scalar loss outside the balance (EnCodec's commitment penalty), backpropagated in
+        the same backward pass as the balanced gradient. audiocraft backpropagates it just before, on
+        its own; the gradients are the same, and one pass is what DistributedDataParallel allows."""
         if not losses:
             raise ValueError("losses is empty")
         unknown = [k for k in losses if k not in self.weights]
@@ -125,5 +129,13 @@ class Balancer:
                 scale = self.weights[name]
             out_grad.add_(grads[name], alpha=scale)
             effective_loss += scale * losses[name].detach()
-        input.backward(out_grad)
+        if other is None:
+            input.backward(out_grad)
+        else:
+            if not isinstance(other, torch.Tensor) or other.numel() != 1:
+                raise ValueError("other must be a scalar tensor (a loss outside the balance)")
+            if other.requires_grad:
+                torch.autograd.backward([input, other], [out_grad, torch.ones_like(other)])
+            else:
+                input.backward(out_grad)
         return effective_loss

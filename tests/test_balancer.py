@@ -66,6 +66,20 @@ def test_balanced_gradient_shares():
     assert Balancer({"a": 1.0}, rescale_grads=False).balance_grads is False
 
 
+def test_other_loss_in_the_same_backward():
+    """backward(..., other=penalty) gives the gradients of penalty.backward() then backward(losses)."""
+    lin = torch.nn.Linear(5, 5).double()
+    lin2 = copy.deepcopy(lin)
+    x, t = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    b1, b2 = Balancer({"a": 1.0, "b": 2.0}), Balancer({"a": 1.0, "b": 2.0})
+    y1, y2 = lin(x), lin2(x)
+    b1.backward({"a": F.l1_loss(y1, t), "b": F.mse_loss(y1, t)}, y1, other=lin.weight.square().sum())
+    lin2.weight.square().sum().backward()
+    b2.backward({"a": F.l1_loss(y2, t), "b": F.mse_loss(y2, t)}, y2)
+    for p1, p2 in zip(lin.parameters(), lin2.parameters()):
+        assert_close(p1.grad, p2.grad, atol=1e-15, rtol=1e-12, name="grad")
+
+
 def test_bad_input():
     y = torch.randn(2, 3, requires_grad=True)
     b = Balancer({"a": 1.0, "b": 1.0})
