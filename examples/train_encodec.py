@@ -296,8 +296,11 @@ def train(args: argparse.Namespace) -> tp.List[dict]:
     codec: nn.Module = Codec(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
+        # rank 0's buffers (codebooks) are broadcast at every forward unless the quantizer syncs its EMA
+        sync_kw = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else "broadcast_buffers")
         codec = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=not synced_ema)
+                                        **{sync_kw: not synced_ema})
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
 
     weights = {k: v for k, v in args.weights.items() if v > 0}
@@ -364,6 +367,19 @@ def train(args: argparse.Namespace) -> tp.List[dict]:
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
             save_checkpoint(model, config, args.out)
     if world > 1:
+        # every worker must hold the same weights (DDP) and codebooks (sync_ema or rank 0's broadcast)
+        sums = torch.stack([torch.stack([t.detach().double().sum() for t in model.parameters()]).sum(),
+                            torch.stack([t.detach().double().sum() for t in model.buffers()]).sum()]).to(device)
+        gathered = [torch.zeros_like(sums) for _ in range(world)]
+        dist.all_gather(gathered, sums)
+        if rank == 0:
+            rec = {"step": args.steps, "params_in_sync": all(bool(torch.equal(g[0], sums[0])) for g in gathered),
+                   "buffers_in_sync": all(bool(torch.equal(g[1], sums[1])) for g in gathered), "sync_ema": synced_ema}
+            records.append(rec)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if not args.quiet:
+                print(json.dumps(rec), flush=True)
         dist.barrier()
     return records
 
