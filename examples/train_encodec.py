@@ -55,7 +55,8 @@ LOSS_NAMES = ("l1", "msspec", "adv", "feat")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="folder of audio files (searched recursively)")
     p.add_argument("--out", required=True, help="folder for checkpoint.th, config.json and log.jsonl")
     p.add_argument("--steps", type=int, default=2000)
@@ -297,8 +298,8 @@ def train(args: argparse.Namespace) -> tp.List[dict]:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         # rank 0's buffers (codebooks) are broadcast at every forward unless the quantizer syncs its EMA
-        sync_kw = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                   else "broadcast_buffers")
+        ddp_params = inspect.signature(DistributedDataParallel).parameters
+        sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in ddp_params else "broadcast_buffers"
         codec = DistributedDataParallel(codec, device_ids=[device.index] if device.type == "cuda" else None,
                                         **{sync_kw: not synced_ema})
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))

@@ -281,7 +281,8 @@ class AdversarialLoss(nn.Module):
                  normalize: bool = True):
         super().__init__()
         if not isinstance(adversary, MultiScaleSTFTDiscriminator):
-            raise TypeError(f"adversary must be a fastcodec MultiScaleSTFTDiscriminator, got {type(adversary).__name__}")
+            raise TypeError("adversary must be a fastcodec MultiScaleSTFTDiscriminator, got "
+                            f"{type(adversary).__name__}")
         self.adversary = adversary
         self.optimizer = optimizer
         self.loss = loss

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .reference.conv import pad_for_conv1d
+from .reference.functional import commitment_loss as _reference_commitment_loss
 
 __all__ = ["mel_filterbank", "spectrogram", "MelSpectrogramWrapper", "MelSpectrogramL1Loss",
            "MultiScaleMelSpectrogramLoss", "time_l1_loss", "commitment_loss", "SISNR", "si_snr"]
@@ -234,11 +235,10 @@ def time_l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(x, y)
 
 
-def commitment_loss(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    """One codebook layer's commitment loss, as audiocraft's ``VectorQuantization``: MSE between the layer's
-    input ``x`` and its (detached) quantized output. The RVQ's ``penalty`` is the mean of this over layers."""
-    _check_pair(x, quantized, "x", "quantized")
-    return F.mse_loss(quantized.detach(), x)
+# One codebook layer's commitment loss, as audiocraft's ``VectorQuantization``: MSE between the layer's
+# input and its (detached) quantized output; the RVQ's ``penalty`` is its mean over layers. One
+# implementation, the reference's.
+commitment_loss = _reference_commitment_loss
 
 
 def _unfold(a: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:

@@ -178,7 +178,8 @@ def test_adversarial_loss_matches_audiocraft(ac):
         d_o = ours.train_adv(fake, real)
         d_t = theirs.train_adv(fake, real)
         assert_close(d_o, d_t, atol=1e-12, rtol=1e-9, name="discriminator loss")
-    for (k, a), (_, b) in zip(sorted(ours.adversary.state_dict().items()), sorted(theirs.adversary.state_dict().items())):
+    theirs_sd = sorted(theirs.adversary.state_dict().items())
+    for (k, a), (_, b) in zip(sorted(ours.adversary.state_dict().items()), theirs_sd):
         assert_close(a, b, atol=1e-12, rtol=1e-9, name=f"after train_adv: {k}")
     assert "optimizer" in ours.state_dict()
 

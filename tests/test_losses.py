@@ -67,7 +67,8 @@ def _compare(ours, theirs, x64, y64, name):
 
 
 @pytest.mark.parametrize("sr,n_fft,n_mels,fmin,fmax", [
-    (24000, 2048, 64, 0.0, None), (24000, 64, 64, 0.0, None), (16000, 512, 80, 50.0, 7000.0), (22050, 1024, 80, 0.0, None)])
+    (24000, 2048, 64, 0.0, None), (24000, 64, 64, 0.0, None), (16000, 512, 80, 50.0, 7000.0),
+    (22050, 1024, 80, 0.0, None)])
 def test_mel_filterbank_matches_librosa(sr, n_fft, n_mels, fmin, fmax):
     librosa = pytest.importorskip("librosa")
     fmax_ = fmax if fmax is not None else float(sr // 2)
@@ -191,5 +192,5 @@ def test_bad_inputs():
         L.mel_filterbank(33, 5000.0, 4000.0, 8, 16000)
     with pytest.raises(ValueError, match="segment"):
         L.si_snr(torch.randn(1, 1, 100), torch.randn(1, 1, 100), sample_rate=10, segment=0.01)
-    with pytest.raises(ValueError, match="quantized"):
+    with pytest.raises(ValueError, match="same shape"):
         L.commitment_loss(torch.randn(2, 3), torch.randn(3, 2))
