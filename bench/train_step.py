@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in first["audiocraft"])
     ok = worst < 1e-4
     print(f"24 kHz EnCodec train step, B={args.batch}, {args.seconds:g} s, {torch.get_num_threads()} threads; "
-          f"first-step terms agree to {worst:.1e} relative ({'ok' if ok else 'MISMATCH'})")
+          f"first-step terms agree to {worst:.1e} relative ({'ok' if ok else 'MISMATCH'})", flush=True)
     print("  " + ", ".join(f"{k}={v:.4g}" for k, v in first["fastcodec"].items()))
     out = {"machine": machine_info(), "batch": args.batch, "seconds": args.seconds, "first_step": first,
            "max_rel_diff": worst, "check_ok": ok, "results": {}}
@@ -181,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in order:
             t0 = time.perf_counter()
             p.step(x)
+            dt = time.perf_counter() - t0
+            print(f"  round {rep} {p.name}: {dt * 1e3:.0f} ms{' (warm-up)' if not rep else ''}", file=sys.stderr,
+                  flush=True)
             if rep:
-                times[p.name].append(time.perf_counter() - t0)
+                times[p.name].append(dt)
     out["results"]["step"] = _table("full G+D step (codec forward/backward, losses, discriminator, optimizers)", times)
 
     with torch.no_grad():
