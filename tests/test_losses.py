@@ -194,3 +194,13 @@ def test_bad_inputs():
         L.si_snr(torch.randn(1, 1, 100), torch.randn(1, 1, 100), sample_rate=10, segment=0.01)
     with pytest.raises(ValueError, match="same shape"):
         L.commitment_loss(torch.randn(2, 3), torch.randn(3, 2))
+
+
+def test_pickle_and_deepcopy():
+    import copy
+    import pickle
+    loss = L.MultiScaleMelSpectrogramLoss(16000, range_start=5, range_end=7, n_mels=16)
+    x, y = torch.randn(1, 1, 400), torch.randn(1, 1, 400)
+    expected = loss(x, y)  # fills the window / filterbank caches
+    for other in (pickle.loads(pickle.dumps(loss)), copy.deepcopy(loss)):
+        assert torch.equal(other(x, y), expected)
