@@ -118,6 +118,10 @@ def test_multiscale_mel_loss_matches_audiocraft(specloss, cfg):
     x = torch.randn(2, 1, 3000, dtype=torch.float64)
     y = x + 0.3 * torch.randn_like(x)
     _compare(L.MultiScaleMelSpectrogramLoss(**cfg), specloss.MultiScaleMelSpectrogramLoss(**cfg), x, y, "msspec")
+    # a target that needs grad takes the batched path (one STFT for both): same value
+    expected = specloss.MultiScaleMelSpectrogramLoss(**cfg)(x, y)
+    assert_close(L.MultiScaleMelSpectrogramLoss(**cfg)(x, y.clone().requires_grad_(True)), expected, atol=0,
+                 rtol=1e-9, name="batched msspec")
 
 
 def test_multiscale_mel_loss_stereo_and_2d(specloss):
