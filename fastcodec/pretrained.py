@@ -405,10 +405,10 @@ def load_pretrained(path: tp.Union[str, os.PathLike], config=None) -> tp.Tuple[E
                 f"`huggingface-cli download {path} --local-dir DIR`, and pass DIR)"
                 if re.fullmatch(r"[\w.-]+/[\w.-]+", path) else "")
         raise CheckpointError(f"checkpoint not found: {path}{hint}")
-    cfg_file = None
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             cfg_file = os.path.join(path, "config.json")
+            file_config: tp.Optional[EncodecConfig] = _read_config_json(cfg_file)
             state, wfile = _read_hf_folder(path)
             what = f"{wfile} (a Hugging Face folder)"
         elif os.path.isfile(os.path.join(path, "compression_state_dict.bin")):
@@ -416,7 +416,6 @@ def load_pretrained(path: tp.Union[str, os.PathLike], config=None) -> tp.Tuple[E
         else:
             raise CheckpointError(f"{path} is a folder without config.json or compression_state_dict.bin "
                                   f"(it has {sorted(os.listdir(path))[:20]}); pass the checkpoint file itself")
-        file_config: tp.Optional[EncodecConfig] = _read_config_json(cfg_file)
     elif os.path.basename(path) == "config.json":
         return load_pretrained(os.path.dirname(path) or ".", config)
     elif path.endswith(".safetensors"):
