@@ -354,25 +354,31 @@ def _load_torch_file(path: str) -> tp.Any:
             "first with audiocraft.utils.export.export_encodec)") from e
 
 
+def _signature(state: dict) -> tp.Optional[tuple]:
+    """(channels, n_filters, norm, bins, n_q) read from the first conv and the codebooks of a state_dict in
+    audiocraft's or transformers' layout; None when they are not there."""
+    first = re.compile(r"^(?:model\.|module\.)?encoder\.(?:model|layers)\.0\.conv\.(?:conv\.)?"
+                       r"(?:weight_v|weight|parametrizations\.weight\.original1)$")
+    w = next((v for k, v in state.items() if first.match(k)), None)
+    embeds = [v for k, v in state.items() if k.endswith("codebook.embed")]
+    if w is None or w.dim() != 3 or not embeds:
+        return None
+    norm = "time_group_norm" if any(re.search(r"\.norm\.weight$", k) for k in state) else "weight_norm"
+    return int(w.shape[1]), int(w.shape[0]), norm, int(embeds[0].shape[0]), len(embeds)
+
+
 def _guess_preset(state: dict, path: str) -> EncodecConfig:
-    """encodec's .th files hold only a state_dict: pick the published preset whose keys and shapes it fits."""
-    tried = []
+    """encodec's .th files hold only a state_dict: pick the published model whose first conv, norm and codebooks
+    it has (``load_into`` then checks every key and shape)."""
+    sig = _signature(state)
     for name in PRESETS:
-        config = config_for(name)
-        with torch.device("meta"):
-            model = build_model(config, model_cls=_reference_model_cls())
-        try:
-            check_state_dict(model, convert_state_dict(state, model), strict=True)
-            return config
-        except CheckpointError as e:
-            tried.append(f"{name}: {str(e)[:160]}")
-    raise CheckpointError(f"{path} is a state_dict that fits none of the published EnCodec models "
-                          f"({'; '.join(tried)}); pass config= (an EncodecConfig, a dict or a config.json path)")
-
-
-def _reference_model_cls():
-    from .reference.model import EncodecModel
-    return EncodecModel
+        c = config_for(name)
+        if sig == (c.audio_channels, c.num_filters, c.norm_type, c.codebook_size, c.num_quantizers):
+            return c
+    found = ("no encoder.model.0 conv or codebooks" if sig is None else
+             "channels %d, n_filters %d, %s, %d codebooks of %d" % (sig[0], sig[1], sig[2], sig[4], sig[3]))
+    raise CheckpointError(f"{path} is a state_dict that fits none of the published EnCodec models ({found}); "
+                          "pass config= (an EncodecConfig, a dict, a preset name or a config.json path)")
 
 
 def _as_config(config) -> EncodecConfig:
