@@ -218,14 +218,15 @@ class EncodecModel(nn.Module):
         or ``(audio_values,)``."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if not isinstance(audio_codes, torch.Tensor) or audio_codes.dim() != 4:
-            raise ValueError("audio_codes must be a (nb_frames, batch, codebooks, frame_len) tensor, got "
-                             f"{tuple(audio_codes.shape) if isinstance(audio_codes, torch.Tensor) else type(audio_codes).__name__}")
+            got = tuple(audio_codes.shape) if isinstance(audio_codes, torch.Tensor) else type(audio_codes).__name__
+            raise ValueError(f"audio_codes must be a (nb_frames, batch, codebooks, frame_len) tensor, got {got}")
         if audio_scales is None or len(audio_scales) != len(audio_codes):
             raise ValueError(f"audio_scales must hold one entry (a (B, 1) tensor or None) per frame: "
                              f"{len(audio_codes)} frame(s)")
         last_frame_pad_length = last_frame_pad_length or 0
         if not 0 <= last_frame_pad_length < audio_codes.shape[-1]:
-            raise ValueError(f"last_frame_pad_length must be in [0, {audio_codes.shape[-1]}), got {last_frame_pad_length}")
+            raise ValueError(f"last_frame_pad_length must be in [0, {audio_codes.shape[-1]}), "
+                             f"got {last_frame_pad_length}")
         if self.config.chunk_length is None:
             if len(audio_codes) != 1:
                 raise ValueError(f"Expected one frame, got {len(audio_codes)}")

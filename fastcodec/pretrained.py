@@ -107,7 +107,8 @@ class EncodecConfig:
 
     @classmethod
     def from_dict(cls, d: tp.Mapping[str, tp.Any]) -> "EncodecConfig":
-        """From a ``config.json`` dict or ``transformers.EncodecConfig(...).to_dict()``; unknown keys go to ``extra``."""
+        """From a ``config.json`` dict or ``transformers.EncodecConfig(...).to_dict()``; other keys go to
+        ``extra``."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
