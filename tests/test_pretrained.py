@@ -97,6 +97,10 @@ def test_hf_folder_safetensors_and_bin(hf_folders):
         assert isinstance(m, EncodecModel) and not m.encoder.model[0].causal and m.quantizer.total_codebooks == 2
         assert m.config.num_quantizers == 2 and m.config.extra.get("architectures") == ["EncodecModel"]
         _assert_same_state(m, expected)
+    sharded = st.parent / (st.name + "_sharded")  # model.safetensors.index.json + shards
+    hf.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    _assert_same_state(EncodecModel.from_pretrained(sharded), expected)
     ref = fastcodec.reference.EncodecModel.from_pretrained(st)
     assert type(ref) is fastcodec.reference.EncodecModel
     # load_checkpoint(model, folder): the folder save_pretrained writes
