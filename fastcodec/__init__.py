@@ -14,3 +14,5 @@ from .quantization import ResidualVectorQuantizer  # noqa: E402,F401
 from .reference.quantization import QuantizedResult  # noqa: E402,F401
 from .seanet import SEANetDecoder, SEANetEncoder  # noqa: E402,F401
 from .model import EncodecModel  # noqa: E402,F401
+from .pretrained import EncodecConfig  # noqa: E402,F401
+from .hf import EncodecModel as HFEncodecModel  # noqa: E402,F401

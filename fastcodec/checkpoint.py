@@ -23,12 +23,15 @@ class CheckpointError(ValueError):
 
 
 def read_state_dict(path: tp.Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """Read a state_dict from ``.th``/``.pt``/``.bin`` (weights_only) or ``.safetensors``.
+    """Read a state_dict from ``.th``/``.pt``/``.bin`` (weights_only), ``.safetensors`` or a Hugging Face folder.
 
     Unwraps the usual containers (``{"state_dict": ...}``, ``{"model": ...}``,
     audiocraft's ``{"best_state": {"model": ...}}``).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):  # a Hugging Face folder (save_pretrained) or one holding compression_state_dict.bin
+        from .pretrained import load_pretrained
+        return load_pretrained(path)[1]
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
@@ -49,6 +52,8 @@ def read_state_dict(path: tp.Union[str, os.PathLike]) -> dict[str, torch.Tensor]
             "(it is corrupt, not a torch file, or holds pickled objects other than tensors, which "
             "fastcodec refuses to unpickle; save just the state_dict)"
         ) from e
+    from .pretrained import check_pointer
+    check_pointer(obj, path)
     state = _unwrap(obj, path)
     if zip_crcs is not None:
         _check_storages(path, state, zip_crcs)

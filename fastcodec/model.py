@@ -7,21 +7,58 @@ quantizer ``fastcodec.ResidualVectorQuantizer``. Causal models stream (``stream_
 """
 from __future__ import annotations
 
+import os
+
 from .quantization import ResidualVectorQuantizer
 from .reference.model import EncodecModel as _ReferenceEncodecModel
 from .seanet import SEANetDecoder, SEANetEncoder
 from .streaming import CodecStreamingMixin
 
+# encodec 0.1.1's checkpoint file names (encodec.model.EncodecModel._get_pretrained)
+_ENCODEC_FILES = {"encodec_model_24khz": "encodec_24khz-d7cc33bc.th",
+                  "encodec_model_48khz": "encodec_48khz-7e698e3e.th"}
 _FAST = dict(encoder_cls=SEANetEncoder, decoder_cls=SEANetDecoder, quantizer_cls=ResidualVectorQuantizer)
 
 
 class EncodecModel(CodecStreamingMixin, _ReferenceEncodecModel):
-    """Drop-in for encodec's ``EncodecModel`` (24 kHz mono causal / 48 kHz stereo presets)."""
+    """Drop-in for encodec's ``EncodecModel`` (24 kHz mono causal / 32 kHz MusicGen / 48 kHz stereo presets).
+
+    The presets take encodec's ``pretrained``/``repository`` arguments: ``pretrained=True`` loads encodec's
+    checkpoint file from the local folder ``repository`` (never the network); ``from_pretrained(path)``
+    reads any local checkpoint or Hugging Face folder.
+    """
 
     @classmethod
-    def encodec_model_24khz(cls, **module_classes) -> "EncodecModel":
-        return super().encodec_model_24khz(**{**_FAST, **module_classes})
+    def _preset(cls, name: str, pretrained: bool, repository, module_classes) -> "EncodecModel":
+        build = getattr(super(), name)
+        if not pretrained:
+            if repository is not None:
+                raise ValueError(f"{name}: repository={repository!r} is only read with pretrained=True")
+            return build(**{**_FAST, **module_classes})
+        if repository is None:
+            build(pretrained=True)  # raises: the message says to use a local file
+        file = _ENCODEC_FILES.get(name)
+        if file is None:
+            raise ValueError(f"{name}: encodec publishes no checkpoint for this model; use "
+                             "EncodecModel.from_pretrained(path) with a local Hugging Face folder")
+        path = os.path.join(os.fspath(repository), file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{name}(pretrained=True, repository=...): {path} does not exist "
+                                    f"(encodec's checkpoint file {file} must be in that folder)")
+        return cls.from_pretrained(path, **module_classes)
 
     @classmethod
-    def encodec_model_48khz(cls, **module_classes) -> "EncodecModel":
-        return super().encodec_model_48khz(**{**_FAST, **module_classes})
+    def encodec_model_24khz(cls, pretrained: bool = False, repository=None, **module_classes) -> "EncodecModel":
+        return cls._preset("encodec_model_24khz", pretrained, repository, module_classes)
+
+    @classmethod
+    def encodec_model_32khz(cls, pretrained: bool = False, repository=None, **module_classes) -> "EncodecModel":
+        return cls._preset("encodec_model_32khz", pretrained, repository, module_classes)
+
+    @classmethod
+    def encodec_model_48khz(cls, pretrained: bool = False, repository=None, **module_classes) -> "EncodecModel":
+        return cls._preset("encodec_model_48khz", pretrained, repository, module_classes)
+
+    @classmethod
+    def from_pretrained(cls, path, config=None, **module_classes) -> "EncodecModel":
+        return super().from_pretrained(path, config=config, **{**_FAST, **module_classes})

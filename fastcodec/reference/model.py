@@ -9,8 +9,10 @@ normalisation and overlap-add), built from our reference modules. The two publis
 - ``EncodecModel.encodec_model_48khz()``: 48 kHz stereo, non-causal, time_group_norm, 150 Hz frames,
   volume normalisation with a per-segment scale, 1 s segments with 1% overlap, 3/6/12/24 kbps.
 
-Pretrained weights are not downloaded (no network at run time): load a checkpoint with
-``fastcodec.checkpoint.load_checkpoint``.
+- ``EncodecModel.encodec_model_32khz()``: MusicGen's 32 kHz mono non-causal model, 4 codebooks of 2048.
+
+Pretrained weights are not downloaded (no network at run time): ``EncodecModel.from_pretrained(path)``
+builds and loads a local checkpoint or Hugging Face folder (``fastcodec.pretrained``).
 """
 from __future__ import annotations
 
@@ -98,37 +100,66 @@ class EncodecModel(nn.Module):
     def _get_model(cls, target_bandwidths, sample_rate=24_000, channels=1, causal=True,
                    model_norm="weight_norm", audio_normalize=False, segment=None, name="unset",
                    encoder_cls=SEANetEncoder, decoder_cls=SEANetDecoder,
-                   quantizer_cls=ResidualVectorQuantizer) -> "EncodecModel":
+                   quantizer_cls=ResidualVectorQuantizer, n_filters=32, ratios=(8, 5, 4, 2), bins=1024,
+                   true_skip=False) -> "EncodecModel":
         # encodec 0.1.1's SEANet defaults: n_filters 32, ratios [8,5,4,2], dimension 128, lstm 2,
         # reflect padding, true_skip False (audiocraft's default is True: pass it explicitly).
-        kw = dict(channels=channels, dimension=128, n_filters=32, n_residual_layers=1,
-                  ratios=[8, 5, 4, 2], norm=model_norm, causal=causal, pad_mode="reflect",
-                  true_skip=False, compress=2, lstm=2)
+        kw = dict(channels=channels, dimension=128, n_filters=n_filters, n_residual_layers=1,
+                  ratios=list(ratios), norm=model_norm, causal=causal, pad_mode="reflect",
+                  true_skip=true_skip, compress=2, lstm=2)
         encoder = encoder_cls(**kw)
         decoder = decoder_cls(**kw, trim_right_ratio=1.0)
         hop = math.prod(encoder.ratios)
-        n_q = int(1000 * target_bandwidths[-1] // (math.ceil(sample_rate / hop) * 10))
+        # transformers' EncodecConfig.num_quantizers (log2(bins) bits per code)
+        n_q = int(1000 * target_bandwidths[-1] // (math.ceil(sample_rate / hop) * math.ceil(math.log2(bins))))
         # encodec's training defaults (kmeans_iters 50); only used when training from scratch
-        quantizer = quantizer_cls(dimension=encoder.dimension, n_q=n_q, bins=1024, decay=0.99,
+        quantizer = quantizer_cls(dimension=encoder.dimension, n_q=n_q, bins=bins, decay=0.99,
                                   kmeans_init=True, kmeans_iters=50, threshold_ema_dead_code=2)
         return cls(encoder, decoder, quantizer, target_bandwidths, sample_rate, channels,
                             normalize=audio_normalize, segment=segment, name=name)
 
+    @staticmethod
+    def _check_pretrained(pretrained: bool, preset: str) -> None:
+        if pretrained:
+            raise ValueError(f"{preset}(pretrained=True) would download weights; fastcodec never uses the network. "
+                             f"Build it with pretrained=False and load a file, or use "
+                             f"EncodecModel.from_pretrained(path) with a local checkpoint or Hugging Face folder")
+
     @classmethod
-    def encodec_model_24khz(cls, **module_classes) -> "EncodecModel":
+    def encodec_model_24khz(cls, pretrained: bool = False, **module_classes) -> "EncodecModel":
         """The causal 24 kHz mono model (random weights; load a checkpoint for the trained ones)."""
+        cls._check_pretrained(pretrained, "encodec_model_24khz")
         model = cls._get_model([1.5, 3.0, 6.0, 12.0, 24.0], 24_000, 1, causal=True,
                                model_norm="weight_norm", audio_normalize=False,
                                name="encodec_24khz", **module_classes)
         return model.eval()
 
     @classmethod
-    def encodec_model_48khz(cls, **module_classes) -> "EncodecModel":
+    def encodec_model_32khz(cls, pretrained: bool = False, **module_classes) -> "EncodecModel":
+        """MusicGen's 32 kHz mono model (``facebook/encodec_32khz``; random weights): non-causal, 64 filters,
+        ratios 8-5-4-4 (50 Hz frames), no shortcut convs, 4 codebooks of 2048 entries (2.2 kbps)."""
+        cls._check_pretrained(pretrained, "encodec_model_32khz")
+        model = cls._get_model([2.2], 32_000, 1, causal=False, model_norm="weight_norm",
+                               audio_normalize=False, name="encodec_32khz", n_filters=64,
+                               ratios=(8, 5, 4, 4), bins=2048, true_skip=True, **module_classes)
+        return model.eval()
+
+    @classmethod
+    def encodec_model_48khz(cls, pretrained: bool = False, **module_classes) -> "EncodecModel":
         """The non-causal 48 kHz stereo model with 1 s segments (random weights)."""
+        cls._check_pretrained(pretrained, "encodec_model_48khz")
         model = cls._get_model([3.0, 6.0, 12.0, 24.0], 48_000, 2, causal=False,
                                model_norm="time_group_norm", audio_normalize=True, segment=1.0,
                                name="encodec_48khz", **module_classes)
         return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path, config=None, **module_classes) -> "EncodecModel":
+        """Build the architecture a local checkpoint describes and load it (never the network): a Hugging
+        Face folder (``config.json`` + ``model.safetensors``/``pytorch_model.bin``), an encodec ``.th`` or an
+        audiocraft compression checkpoint. See ``fastcodec.pretrained.from_pretrained``."""
+        from ..pretrained import from_pretrained  # the loaders live outside the torch-only reference
+        return from_pretrained(path, config=config, model_cls=cls, **module_classes)
 
     # -- properties ------------------------------------------------------------------------
 
