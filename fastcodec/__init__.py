@@ -13,3 +13,5 @@ from .quantization import ResidualVectorQuantizer  # noqa: E402,F401
 from .reference.quantization import QuantizedResult  # noqa: E402,F401
 from .seanet import SEANetDecoder, SEANetEncoder  # noqa: E402,F401
 from .model import EncodecModel  # noqa: E402,F401
+from .compat import AudiocraftEncodecModel  # noqa: E402,F401
+from .patching import is_patched, patch, unpatch  # noqa: E402,F401
