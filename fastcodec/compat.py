@@ -263,7 +263,10 @@ class AudiocraftEncodecModel(nn.Module):
         if not isinstance(pkg, dict) or "best_state" not in pkg or "xp.cfg" not in pkg:
             raise ValueError(f"get_pretrained: {path} is not an exported audiocraft compression checkpoint "
                              "(needs 'best_state' and 'xp.cfg')")
-        import yaml  # transformers' dependency; only this loader needs it
+        try:
+            import yaml  # only this loader needs it (transformers depends on it too)
+        except ImportError as e:
+            raise ImportError("get_pretrained reads the checkpoint's yaml config: pip install pyyaml") from e
 
         cfg = pkg["xp.cfg"]
         cfg = yaml.safe_load(cfg) if isinstance(cfg, str) else cfg
