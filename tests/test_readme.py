@@ -57,25 +57,41 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
 BLOCKS = python_blocks(README.read_text())
 
 
-def _prelude(tmp_path: Path) -> dict:
-    from fastcodec.reference.model import EncodecModel
+def _audiocraft_rvq():
     from tests.conftest import import_oracle
+
+    Q = import_oracle("audiocraft.quantization.vq")
+    rvq = Q.ResidualVectorQuantizer(dimension=128, n_q=32, bins=1024)
+    with torch.no_grad():
+        for layer in rvq.vq.layers:
+            layer._codebook.embed.normal_()
+            layer._codebook.inited.fill_(1)
+    return rvq.eval()
+
+
+def _checkpoint_24khz(directory: Path) -> None:
+    from fastcodec.reference.model import EncodecModel
+
+    torch.save(EncodecModel.encodec_model_24khz().state_dict(), directory / "encodec_24khz-d7cc33bc.th")
+
+
+def _prelude(code: str, tmp_path: Path) -> dict:
+    """The names the snippets assume (see the module docstring); the costly ones only where ``code`` uses them."""
     from tests.test_compat_audiocraft import build_audiocraft
     from tests.test_patch import MusicGenLike, build_transformers
 
-    Q = import_oracle("audiocraft.quantization.vq")
     torch.manual_seed(0)
-    audiocraft_rvq = Q.ResidualVectorQuantizer(dimension=128, n_q=32, bins=1024)
-    with torch.no_grad():
-        for layer in audiocraft_rvq.vq.layers:
-            layer._codebook.embed.normal_()
-            layer._codebook.inited.fill_(1)
-    torch.save(EncodecModel.encodec_model_24khz().state_dict(), tmp_path / "encodec_24khz-d7cc33bc.th")
-    return dict(torch=torch, fastcodec=__import__("fastcodec"), audiocraft_rvq=audiocraft_rvq.eval(),
-                z=torch.randn(2, 128, 12), wav=torch.randn(1, 1, 2400) * 0.1, wav32=torch.randn(1, 1, 1280) * 0.1,
-                chunk=torch.randn(1, 1, 320) * 0.1, mu=torch.randn(128) * 0.1, sigma=torch.rand(128) + 0.5,
-                audiocraft_model=build_audiocraft(), musicgen=MusicGenLike(build_audiocraft(seed=1)),
-                hf_model=build_transformers())
+    ns = dict(torch=torch, fastcodec=__import__("fastcodec"), z=torch.randn(2, 128, 12),
+              wav=torch.randn(1, 1, 2400) * 0.1, wav32=torch.randn(1, 1, 1280) * 0.1,
+              chunk=torch.randn(1, 1, 320) * 0.1, mu=torch.randn(128) * 0.1, sigma=torch.rand(128) + 0.5)
+    lazy = {"audiocraft_rvq": _audiocraft_rvq, "audiocraft_model": build_audiocraft,
+            "musicgen": lambda: MusicGenLike(build_audiocraft(seed=1)), "hf_model": build_transformers}
+    for name, make in lazy.items():
+        if re.search(rf"\b{name}\b", code):
+            ns[name] = make()
+    if "encodec_24khz-d7cc33bc.th" in code:
+        _checkpoint_24khz(tmp_path)
+    return ns
 
 
 def test_readme_has_python_blocks():
@@ -90,7 +106,7 @@ def test_readme_block_runs(line, code, skipped, tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny shapes on a shared 2-core machine (see tests/test_streaming.py)
     try:
-        namespace = _prelude(tmp_path)
+        namespace = _prelude(code, tmp_path)
         exec(compile(code, f"README.md:{line}", "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
