@@ -34,6 +34,7 @@ from fastcodec.bench.harness import check_codes_equivalent, machine_info
 
 MUSICGEN_SEANET = dict(channels=1, dimension=128, n_filters=64, n_residual_layers=1, ratios=[8, 5, 4, 4],
                        norm="weight_norm", causal=False, pad_mode="constant", true_skip=True, compress=2, lstm=2)
+MUSICGEN_BINS = 2048
 HF_32KHZ = dict(target_bandwidths=[2.2], sampling_rate=32000, audio_channels=1, normalize=False, chunk_length_s=None,
                 overlap=None, hidden_size=128, num_filters=64, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4],
                 norm_type="weight_norm", kernel_size=7, last_kernel_size=7, residual_kernel_size=3,
@@ -45,7 +46,8 @@ def _audiocraft(dtype=torch.float32):
     E = import_oracle("audiocraft.models.encodec")
     S = import_oracle("audiocraft.modules.seanet")
     Q = import_oracle("audiocraft.quantization.vq")
-    q = Q.ResidualVectorQuantizer(dimension=128, n_q=4, bins=2048, kmeans_iters=50)
+    q = Q.ResidualVectorQuantizer(dimension=MUSICGEN_SEANET["dimension"], n_q=4, bins=MUSICGEN_BINS,
+                                  kmeans_iters=50)
     m = E.EncodecModel(S.SEANetEncoder(**MUSICGEN_SEANET), S.SEANetDecoder(**MUSICGEN_SEANET), q,
                        frame_rate=50, sample_rate=32000, channels=1)
     return m.to(dtype).eval()

@@ -205,3 +205,21 @@ def test_patch_transformers_follows_replaced_tensors_and_trains():
         assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-5 * q.grad.abs().max().item() + 1e-12), name
         n += 1
     assert n > 20
+
+
+def test_patched_benchmark_runs_and_writes_json(tmp_path, monkeypatch):
+    """``python -m fastcodec.bench.patched`` end to end, on tiny widths (the timing is not the point here)."""
+    import json
+
+    from fastcodec.bench import patched
+
+    monkeypatch.setattr(patched, "MUSICGEN_SEANET", {**patched.MUSICGEN_SEANET, "n_filters": 2, "dimension": 8})
+    monkeypatch.setattr(patched, "MUSICGEN_BINS", 16)
+    monkeypatch.setattr(patched, "HF_32KHZ", {**patched.HF_32KHZ, "num_filters": 2, "hidden_size": 8,
+                                              "codebook_dim": 8, "codebook_size": 16})
+    out = tmp_path / "patched.json"
+    assert patched.main(["--seconds", "0.05", "--batch", "1", "--repeats", "1", "--threads", "1",
+                         "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["batch"]) for r in rows] == [("audiocraft", 1), ("transformers", 1)]
+    assert all(r["patched_ms"] > 0 and r["unpatched_ms"] > 0 and "codes equal" in r["check"] for r in rows)
