@@ -1316,7 +1316,10 @@ def stream_encode(model: nn.Module, chunk: torch.Tensor, state: StreamState):
 
 
 def stream_encode_flush(model: nn.Module, state: StreamState) -> torch.Tensor:
-    """The last codes (B, K, frames) of the stream."""
+    """The codes (B, K, frames) that the offline pass has and the chunks did not emit yet: those of the end
+    padding. ``cat(chunk codes + [flush], -1) == model.encode(whole)[0][0]``; frames is 0 when the chunks
+    already emitted them all (a causal model whose input length is a multiple of the hop needs no end
+    padding), and ``stream_decode`` accepts those empty codes."""
     return _quantize(model, stream_flush(model.encoder, state), state)
 
 
@@ -1334,10 +1337,30 @@ def decode_state(model: nn.Module, batch_size: int, chunk_size: int | None = Non
 
 
 def stream_decode(model: nn.Module, codes: torch.Tensor, state: StreamState):
-    """Codes (B, K, frames >= 1) -> ``(audio (B, channels, n), state)``."""
+    """Codes (B, K, frames >= 0) -> ``(audio (B, channels, n), state)``; zero frames give empty audio."""
+    if isinstance(codes, torch.Tensor) and codes.dim() == 3 and codes.shape[-1] == 0:
+        return _empty_decode(model, codes, state), state
     with torch.no_grad(), _cache.trusting(state.trust_epoch):
         emb = model.quantizer.decode(codes)
     return stream(model.decoder, emb, state)
+
+
+def _empty_decode(model: nn.Module, codes: torch.Tensor, state: StreamState) -> torch.Tensor:
+    """The checks of a decode step on zero frames (what stream_encode returns before its first frame)."""
+    plan = plan_of(model.decoder)
+    _check_state(plan, state, "stream_decode")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"stream_decode: codes must be an integer tensor (int64 preferred), got {codes.dtype}")
+    max_n_q = getattr(model.quantizer, "max_n_q", None) or model.quantizer.total_codebooks
+    if not 1 <= codes.shape[1] <= max_n_q:
+        raise ValueError(f"stream_decode: codes have {codes.shape[1]} codebooks; expected 1 to {max_n_q} "
+                         f"(shape {tuple(codes.shape)})")
+    if codes.shape[0] != state.batch_size:
+        raise ValueError(f"stream_decode: codes have batch {codes.shape[0]} but the state holds "
+                         f"{state.batch_size} stream(s)")
+    if codes.device != state.device:
+        raise ValueError(f"stream_decode: codes are on {codes.device} but the state is on {state.device}")
+    return _like(model.decoder).new_zeros(codes.shape[0], plan.out_channels, 0)
 
 
 def stream_decode_flush(model: nn.Module, state: StreamState) -> torch.Tensor:

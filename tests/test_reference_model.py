@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -89,22 +90,22 @@ def test_48khz_matches_encodec_segments_and_scale(oracle):
         assert torch.equal(ours.decode(f_ours), theirs.decode(f_theirs))
 
 
-def test_decode_latent_layouts_and_scaling():
+def test_decode_continuous_layouts_and_scaling():
     model = EncodecModel.encodec_model_24khz()
     _randomize(model)
     z = torch.randn(2, 10, 128)
     mean, std = torch.randn(128), torch.rand(128) + 0.5
     with torch.no_grad():
         expected = model.decoder((z * std + mean).transpose(1, 2))
-        assert torch.equal(model.decode_latent(z, mean=mean, std=std), expected)
-        assert torch.equal(model.decode_latent(z.transpose(1, 2).contiguous(), mean=mean, std=std), expected)
-        assert torch.equal(model.decode_latent(z), model.decoder(z.transpose(1, 2)))
+        assert torch.equal(model.decode_continuous(z, mean=mean, std=std), expected)
+        assert torch.equal(model.decode_continuous(z.transpose(1, 2).contiguous(), mean=mean, std=std), expected)
+        assert torch.equal(model.decode_continuous(z), model.decoder(z.transpose(1, 2)))
     with pytest.raises(ValueError, match="both axes"):
-        model.decode_latent(torch.randn(1, 128, 128))
+        model.decode_continuous(torch.randn(1, 128, 128))
     with pytest.raises(ValueError, match="axis of size 128"):
-        model.decode_latent(torch.randn(1, 10, 64))
+        model.decode_continuous(torch.randn(1, 10, 64))
     with pytest.raises(ValueError, match="B, T, D"):
-        model.decode_latent(torch.randn(10, 128))
+        model.decode_continuous(torch.randn(10, 128))
 
 
 @pytest.mark.parametrize("bad, err, match", [
@@ -205,3 +206,21 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"model": Evil()}, pickled)
     with pytest.raises(CheckpointError, match="refuses to unpickle"):
         load_checkpoint(model, pickled)
+
+
+def test_decode_latent_is_a_deprecated_alias_of_decode_continuous():
+    from fastcodec.reference import model as M
+    from fastcodec.reference.quantization import ResidualVectorQuantizer
+    from fastcodec.reference.seanet import SEANetDecoder, SEANetEncoder
+
+    kw = dict(dimension=8, n_filters=2, n_residual_layers=1, ratios=[2], lstm=0)  # tiny: only the alias is tested
+    model = EncodecModel(SEANetEncoder(**kw), SEANetDecoder(**kw), ResidualVectorQuantizer(dimension=8, n_q=1, bins=4),
+                         target_bandwidths=[1.0], sample_rate=8, channels=1)
+    z = torch.randn(1, 3, 8)
+    M._warned_decode_latent = False
+    with pytest.warns(DeprecationWarning, match="decode_continuous"):
+        old = model.decode_latent(z, mean=0.5, std=2.0)
+    assert torch.equal(old, model.decode_continuous(z, mean=0.5, std=2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # once only
+        model.decode_latent(z)

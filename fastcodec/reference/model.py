@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import typing as tp
+import warnings
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from .quantization import ResidualVectorQuantizer
 from .seanet import SEANetDecoder, SEANetEncoder
 
 EncodedFrame = tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]
+_warned_decode_latent = False
 
 
 def linear_overlap_add(frames: tp.Sequence[torch.Tensor], stride: int) -> torch.Tensor:
@@ -258,6 +260,18 @@ class EncodecModel(nn.Module):
 
     def decode_latent(self, z: torch.Tensor, mean=None, std=None,
                       channels_last: tp.Optional[bool] = None) -> torch.Tensor:
+        """Deprecated alias of ``decode_continuous`` (warns once). In audiocraft ``decode_latent`` means
+        codes -> latents; ``fastcodec.AudiocraftEncodecModel.decode_latent`` has that meaning."""
+        global _warned_decode_latent
+        if not _warned_decode_latent:
+            _warned_decode_latent = True
+            warnings.warn("EncodecModel.decode_latent(z, mean, std) is renamed decode_continuous (in audiocraft "
+                          "decode_latent maps codes to latents); the old name will be removed",
+                          DeprecationWarning, stacklevel=2)
+        return self.decode_continuous(z, mean=mean, std=std, channels_last=channels_last)
+
+    def decode_continuous(self, z: torch.Tensor, mean=None, std=None,
+                          channels_last: tp.Optional[bool] = None) -> torch.Tensor:
         """Decode continuous latents (as JASCO does): ``z = z * std + mean``, then the decoder.
 
         z: ``(B, T, D)`` or ``(B, D, T)`` with D the model dimension; ``channels_last`` says which
