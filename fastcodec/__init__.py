@@ -16,6 +16,5 @@ from .seanet import SEANetDecoder, SEANetEncoder  # noqa: E402,F401
 from .model import EncodecModel  # noqa: E402,F401
 from .pretrained import EncodecConfig  # noqa: E402,F401
 from .hf import EncodecModel as HFEncodecModel  # noqa: E402,F401
-
 from .compat import AudiocraftEncodecModel  # noqa: E402,F401
 from .patching import is_patched, patch, unpatch  # noqa: E402,F401

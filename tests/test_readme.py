@@ -8,6 +8,9 @@ defines what the snippets assume, at small sizes:
 - ``z``: latents (2, 128, 12); ``wav``: 24 kHz mono audio (1, 1, 2400); ``wav32``: 32 kHz audio (1, 1, 1280);
   ``chunk``: one 320-sample chunk (1, 1, 320); ``mu`` / ``sigma``: per-channel (128,) mean and std;
 - ``encodec_24khz-d7cc33bc.th`` in the working directory: a random-weight 24 kHz state_dict;
+- ``encodec_32khz/`` and ``encodec_48khz/`` in the working directory: Hugging Face folders (``save_pretrained``)
+  of toy-sized transformers models with the published models' distinguishing settings; ``input_values`` /
+  ``padding_mask``: a padded stereo batch for the 48 kHz one;
 - ``audiocraft_model``: a tiny audiocraft ``EncodecModel``; ``musicgen``: an object holding one as
   ``.compression_model`` (what MusicGen holds); ``hf_model``: a tiny transformers ``EncodecModel``.
 
@@ -75,6 +78,21 @@ def _checkpoint_24khz(directory: Path) -> None:
     torch.save(EncodecModel.encodec_model_24khz().state_dict(), directory / "encodec_24khz-d7cc33bc.th")
 
 
+def _hf_folder(name: str, directory: Path) -> None:
+    """A toy transformers model saved as ``directory/name`` (the test_hf_compat configurations; the 48 kHz one
+    with 1024-entry codebooks and the published bandwidths, so that ``bandwidth=6.0`` is valid)."""
+    import transformers
+
+    from tests.test_hf_compat import _BASE, CONFIGS
+
+    extra = dict(codebook_size=1024, target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0]) if name == "48khz" else {}
+    hf = transformers.EncodecModel(transformers.EncodecConfig(**{**_BASE, **CONFIGS[name], **extra})).eval()
+    with torch.no_grad():  # trained-like codebooks (transformers initialises them to zeros)
+        for layer in hf.quantizer.layers:
+            layer.codebook.embed.normal_()
+    hf.save_pretrained(directory / f"encodec_{name}")
+
+
 def _prelude(code: str, tmp_path: Path) -> dict:
     """The names the snippets assume (see the module docstring); the costly ones only where ``code`` uses them."""
     from tests.test_compat_audiocraft import build_audiocraft
@@ -91,6 +109,14 @@ def _prelude(code: str, tmp_path: Path) -> dict:
             ns[name] = make()
     if "encodec_24khz-d7cc33bc.th" in code:
         _checkpoint_24khz(tmp_path)
+    for name in ("32khz", "48khz"):
+        if f"encodec_{name}/" in code:
+            _hf_folder(name, tmp_path)
+    if "input_values" in code:  # two stereo clips of the toy 48 kHz folder's rate, the second padded
+        ns["input_values"] = torch.randn(2, 2, 100) * 0.1
+        ns["padding_mask"] = torch.ones(2, 100, dtype=torch.long)
+        ns["padding_mask"][1, 70:] = 0
+        ns["input_values"][1, :, 70:] = 0
     return ns
 
 
