@@ -14,7 +14,7 @@ right-padded batch ``(B, C, T)`` with a padding mask (``True`` on real samples, 
 How (``strategy(model, wav)`` says which applies):
 
 - ``"padded"`` (unsegmented models whose encoder plan is plain convs + fused ELU, residual blocks and the
-  unidirectional LSTM, e.g. every encodec/MusicGen preset without time_group_norm): one right-padded batch.
+  unidirectional LSTM, e.g. every encodec/MusicGen preset without time_group_norm): right-padded batches.
   Before each convolution, the samples just past each clip's valid length are overwritten with the padding
   that clip would get alone (its own reflection, or zeros), so each valid output is computed from the same
   numbers; the LSTM is unidirectional, so the junk past a clip's end never reaches its valid frames. The
@@ -38,7 +38,6 @@ never changes a result.
 from __future__ import annotations
 
 import contextlib
-import math
 import typing as tp
 
 import torch
