@@ -5,6 +5,9 @@
     fastcodec bench [--full] [--only OPS] [--device cpu|cuda] [--threads N] [--json OUT] [--plot OUT.png]
                                      exit 1 when fastcodec's output disagrees with the oracle or a case cannot
                                      be built (another provider's mismatch is listed, not a failure)
+    fastcodec encode IN.wav OUT.ecdc --model PATH|24khz|48khz|32khz [--bandwidth 6]
+    fastcodec decode IN OUT.wav --model ...    IN: .ecdc, tokenized codes, a codes array or JASCO latents
+    fastcodec tokenize SRC_DIR_OR_MANIFEST OUT_DIR --model ... [--bandwidth 6]   (resumable; under torchrun too)
 
 Errors in the command line or the environment print one clear message and exit non-zero, never a traceback.
 """
@@ -53,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="fastcodec", description="EnCodec with fused kernels: info, build, benchmarks.")
     p.add_argument("--version", action="version", version=f"fastcodec {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,build,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{info,build,bench,encode,decode,tokenize}")
     sub.required = True
     sub.add_parser("info", help="versions, hardware, available backends and why not, build cache")
     b = sub.add_parser("build", help="prebuild the C++ extensions (otherwise built on first use)")
@@ -72,7 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--plot", metavar="OUT", type=Path, help="draw speed-up by shape (needs matplotlib)")
     be.add_argument("--list", action="store_true", help="list the operations and shapes of the suite and exit")
     be.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    from . import codec_cli  # encode, decode, tokenize
+
+    codec_cli.add_parsers(sub, _device)
     return p
+
+
+def _codec_command(args) -> int:
+    from . import codec_cli
+    from .audio import AudioError
+    from .checkpoint import CheckpointError
+    from .ecdc import EcdcError
+    from .tokenize import TokenizeError
+
+    try:
+        return getattr(codec_cli, args.command)(args)
+    except (codec_cli.ModelError, AudioError, EcdcError, TokenizeError, CheckpointError, ValueError, OSError) as e:
+        raise CliError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed usage and the error (or --help) on stderr/stdout
         return int(e.code or 0)
     try:
-        return {"info": _info, "build": _build, "bench": _bench}[args.command](args)
+        return {"info": _info, "build": _build, "bench": _bench, "encode": _codec_command,
+                "decode": _codec_command, "tokenize": _codec_command}[args.command](args)
     except CliError as e:
         print(f"fastcodec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

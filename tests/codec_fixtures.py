@@ -1,0 +1,39 @@
+"""Tiny-data helpers shared by the audio/ecdc/tokenize tests: randomized models (no downloads), WAV files."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import soundfile as sf
+import torch
+
+
+def randomize(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Perturb every weight and give the codebooks random entries (a fresh preset's are all zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for layer in model.quantizer.vq.layers:
+            cb = layer._codebook
+            cb.embed.copy_(torch.randn(cb.embed.shape, generator=g) * 0.5)
+            cb.embed_avg.copy_(cb.embed)
+            cb.cluster_size.fill_(1.0)
+            cb.inited.fill_(1.0)
+    return model.eval()
+
+
+def encodec_model_module(oracle):
+    # encodec.utils imports torchaudio (file I/O only, never called here); it does not load next to torch 2.13
+    sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+    return oracle("encodec.model")
+
+
+def write_wav(path, seconds: float, sr: int = 24_000, channels: int = 1, seed: int = 0, subtype="FLOAT"):
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sr))
+    t = np.arange(n) / sr
+    x = 0.3 * np.sin(2 * np.pi * (110 + 40 * seed) * t)[:, None] + 0.05 * rng.standard_normal((n, channels))
+    sf.write(str(path), x.astype(np.float32), sr, subtype=subtype)
+    return path

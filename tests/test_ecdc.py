@@ -1,0 +1,92 @@
+"""``.ecdc`` files against encodec 0.1.1's own ``compress``/``decompress``, with the same random weights."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from fastcodec import ecdc
+from fastcodec.reference.model import EncodecModel as RefModel
+from tests.codec_fixtures import encodec_model_module, randomize
+
+
+def _pair(oracle, which: str):
+    em = encodec_model_module(oracle)
+    if which == "24khz":
+        theirs = em.EncodecModel._get_model([1.5, 3.0, 6.0, 12.0, 24.0], 24_000, 1, causal=True,
+                                            model_norm="weight_norm", audio_normalize=False, name="encodec_24khz")
+        ours = RefModel.encodec_model_24khz()
+    else:
+        theirs = em.EncodecModel._get_model([3.0, 6.0, 12.0, 24.0], 48_000, 2, causal=False,
+                                            model_norm="time_group_norm", audio_normalize=True, segment=1.0,
+                                            name="encodec_48khz")
+        ours = RefModel.encodec_model_48khz()
+    randomize(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    return ours.eval(), theirs.eval()
+
+
+def _their_compress(oracle, theirs):
+    comp = oracle("encodec.compress")
+    # encodec's decompress builds MODELS[name]() with pretrained=True (a download): give it our random model
+    return comp, {"encodec_24khz": lambda: theirs, "encodec_48khz": lambda: theirs}
+
+
+@pytest.mark.parametrize("which,bandwidth,seconds", [("24khz", 1.5, 0.11), ("24khz", 6.0, 0.05),
+                                                     ("48khz", 6.0, 0.05)])
+def test_both_directions_match_encodec(oracle, monkeypatch, which, bandwidth, seconds):
+    ours, theirs = _pair(oracle, which)
+    comp, models = _their_compress(oracle, theirs)
+    monkeypatch.setattr(comp, "MODELS", models)
+    ours.set_target_bandwidth(bandwidth)
+    theirs.set_target_bandwidth(bandwidth)
+    if which == "48khz":  # 20 ms segments instead of 1 s: three overlapping segments, each with its scale, in 50 ms
+        ours.segment = theirs.segment = 0.02
+    wav = 0.1 * torch.randn(ours.channels, int(seconds * ours.sample_rate) + 7)
+    mine = ecdc.compress(ours, wav)
+    their_bytes = comp.compress(theirs, wav, use_lm=False)
+    # the reference runs encodec's float32 ops in the same order: the same codes, hence the same bytes
+    assert mine == their_bytes
+    # fastcodec's file -> encodec's decompress, encodec's file -> ours: the same audio, exactly
+    w_theirs, sr = comp.decompress(mine)
+    w_ours, sr2 = ecdc.decompress(their_bytes, ours)
+    assert sr == sr2 == ours.sample_rate
+    assert w_ours.shape == w_theirs.shape == wav.shape
+    assert torch.equal(w_ours, w_theirs)
+
+
+def test_packing_matches_encodec_bitpacker(oracle):
+    binary = oracle("encodec.binary")
+    g = torch.Generator().manual_seed(3)
+    for bits, K, T in ((10, 2, 7), (10, 3, 5), (7, 1, 9)):  # K*T*bits not a multiple of 8: padded last byte
+        codes = torch.randint(0, 1 << bits, (K, T), generator=g)
+        fo = io.BytesIO()
+        p = binary.BitPacker(bits, fo)
+        for t in range(T):
+            for k in range(K):
+                p.push(int(codes[k, t]))
+        p.flush()
+        assert ecdc.pack_codes(codes, bits) == fo.getvalue()
+        assert torch.equal(ecdc.unpack_codes(fo.getvalue(), bits, K, T), codes)
+
+
+def test_bad_streams_are_named():
+    m = RefModel.encodec_model_24khz()
+    m.set_target_bandwidth(1.5)
+    good = ecdc.compress(m, 0.1 * torch.randn(1, 800))
+    with pytest.raises(ecdc.EcdcError, match="not an ECDC stream"):
+        ecdc.decompress(b"RIFF" + good[4:], m)
+    with pytest.raises(ecdc.EcdcError, match="ended inside the codes"):
+        ecdc.decompress(good[:-2], m)
+    with pytest.raises(ecdc.EcdcError, match="ended inside the ECDC header"):
+        ecdc.decompress(good[:5], m)
+    lm = io.BytesIO()
+    ecdc.write_header(lm, {"m": "encodec_24khz", "al": 800, "nc": 2, "lm": True})
+    with pytest.raises(ecdc.EcdcError, match="language model"):
+        ecdc.decompress(lm.getvalue(), m)
+    other = RefModel.encodec_model_48khz()
+    with pytest.raises(ecdc.EcdcError, match="encodec_24khz"):
+        ecdc.decompress(good, other)
+    with pytest.raises(ecdc.EcdcError, match="use_lm"):
+        ecdc.compress(m, torch.zeros(1, 10), use_lm=True)
