@@ -200,7 +200,8 @@ def decode(args) -> int:
     return 0
 
 
-def tokenize(args) -> int:
+def tokenize(args, model=None) -> int:
+    """The ``tokenize`` command; ``model`` replaces ``--model`` (tests give a tiny one)."""
     import torch.distributed as dist
 
     from .tokenize import Tokenizer, list_sources
@@ -217,7 +218,7 @@ def tokenize(args) -> int:
         barrier = dist.barrier
     try:
         sources = list_sources(args.source)
-        model = resolve_model(args.model, args.random_weights).to(device)
+        model = (model if model is not None else resolve_model(args.model, args.random_weights)).to(device)
         tok = Tokenizer(model, args.output, args.bandwidth, model_spec=args.model,
                         batch_seconds=args.batch_seconds, long_seconds=args.long_seconds, device=device,
                         rank=rank, world_size=world, barrier=barrier, progress=not args.quiet)
@@ -225,8 +226,9 @@ def tokenize(args) -> int:
         where = f"rank {rank}/{world}: " if world > 1 else ""
         print(f"{where}tokenized {s.done} files ({s.audio_seconds / 3600:.3f} h of audio, "
               f"{s.realtime_factor:.1f}x real time), skipped {s.skipped} already done, {len(s.errors)} failed"
-              + (f"; see {os.path.join(args.output, 'errors.jsonl')}" if s.errors else ""), file=sys.stderr)
-        return 1 if s.errors else 0
+              + (f"; {s.failed_total} files failed in all, listed in {os.path.join(args.output, 'errors.jsonl')}"
+                 if s.failed_total else ""), file=sys.stderr)
+        return 1 if s.failed_total else 0
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

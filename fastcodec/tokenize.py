@@ -59,6 +59,7 @@ class Summary:
     errors: list = field(default_factory=list)
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
+    failed_total: int = 0  # files of every rank with an error record (read after the barrier)
 
     @property
     def realtime_factor(self) -> float:
@@ -228,6 +229,7 @@ class Tokenizer:
         summary.wall_seconds = time.perf_counter() - t0
         if self.barrier is not None:
             self.barrier()
+        summary.failed_total = sum(os.path.exists(self._error_path(s.key)) for s in sources)
         if self.rank == 0:
             self.merge(sources)
         return summary
@@ -324,7 +326,7 @@ class Tokenizer:
     def _error(self, s: Source, e: Exception, summary: Summary) -> None:
         rec = {"path": s.path, "key": s.key, "error": f"{type(e).__name__}: {e}"}
         summary.errors.append(rec)
-        self.log(f"fastcodec tokenize: skipping {s.path}: {e}")
+        self.log(f"fastcodec tokenize: skipping {'' if s.path in str(e) else s.path + ': '}{e}")
         path = self._error_path(s.key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_bytes(path, _json_bytes(rec))

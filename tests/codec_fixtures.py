@@ -37,3 +37,19 @@ def write_wav(path, seconds: float, sr: int = 24_000, channels: int = 1, seed: i
     x = 0.3 * np.sin(2 * np.pi * (110 + 40 * seed) * t)[:, None] + 0.05 * rng.standard_normal((n, channels))
     sf.write(str(path), x.astype(np.float32), sr, subtype=subtype)
     return path
+
+
+def tiny_model(seed: int = 1, causal: bool = True):
+    """A small fastcodec EncodecModel: 8 kHz mono, hop 8 (1000 frames/s), 4 codebooks of 64 entries of
+    dimension 16, LSTM 1; 6 kbps per codebook (6/12/24 kbps = 1/2/4 codebooks). Same code paths, milliseconds."""
+    import fastcodec
+    from fastcodec.quantization import ResidualVectorQuantizer
+    from fastcodec.seanet import SEANetDecoder, SEANetEncoder
+
+    torch.manual_seed(seed)
+    kw = dict(channels=1, dimension=16, n_filters=4, n_residual_layers=1, ratios=[4, 2], norm="weight_norm",
+              causal=causal, pad_mode="reflect", true_skip=False, compress=2, lstm=1)
+    model = fastcodec.EncodecModel(SEANetEncoder(**kw), SEANetDecoder(**kw, trim_right_ratio=1.0),
+                                   ResidualVectorQuantizer(dimension=16, n_q=4, bins=64), [6.0, 12.0, 24.0],
+                                   8_000, 1, name="tiny")
+    return randomize(model, seed)
