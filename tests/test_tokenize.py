@@ -167,3 +167,27 @@ def test_torchrun_two_ranks_equal_one_process(model, clips, tmp_path, monkeypatc
         assert "rank 0/2" in r.stderr and "rank 1/2" in r.stderr and "broken.wav" in r.stderr
 
     _two_ranks_equal_one(model, clips, tmp_path, launch)
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_decode_reads_tokenized_files(tmp_path, monkeypatch, segmented):
+    from fastcodec import cli, codec_cli
+    from fastcodec.audio import read_audio
+    m = tiny_model()
+    if segmented:  # the 48 kHz model's scheme: volume-normalised 20 ms segments with overlap -> .npz
+        m.segment, m.normalize = 0.02, True
+    write_wav(tmp_path / "x.wav", 0.05, sr=SR, seed=9)
+    Tokenizer(m, tmp_path / "tok", 12.0, progress=False).run(list_sources(tmp_path))
+    name = tmp_path / "tok" / "codes" / ("x.wav.npz" if segmented else "x.wav.npy")
+    codes, frames = load_codes(name)
+    with torch.no_grad():
+        encoded = m.encode(load_for_model(tmp_path / "x.wav", SR, 1)[None])
+        expected = m.decode(frames if segmented else [(codes[None], None)])[0, :, :400]
+    assert torch.equal(torch.cat([c for c, _ in encoded], -1)[0], codes)
+    if segmented:
+        assert len(frames) == 3 and all(torch.equal(f[1], e[1]) for f, e in zip(frames, encoded))
+    monkeypatch.setattr(codec_cli, "resolve_model", lambda spec, rw=False: m)
+    assert cli.main(["decode", str(name), str(tmp_path / "out.wav"), "--model", "tiny"]) == 0
+    out, sr = read_audio(tmp_path / "out.wav")
+    assert sr == SR and out.shape == (1, 400)  # trimmed to the source's length by the entry next to the codes
+    assert (out - expected.clamp(-0.99, 0.99)).abs().max() <= 1 / 32768
