@@ -1,6 +1,6 @@
 """The audio subcommands of ``fastcodec``: encode, decode, tokenize (wired into ``fastcodec.cli``).
 
-    fastcodec encode IN.wav OUT.ecdc [--bandwidth 6] --model PATH|24khz|48khz|32khz [--random-weights]
+    fastcodec encode IN.wav OUT.ecdc [--bandwidth 6] --model PATH|24khz|48khz|32khz [--random-weights] [--lm LM.th]
     fastcodec decode IN OUT.wav --model ...    IN: .ecdc, a tokenized .npy/.npz, a .pt/.npy codes array
                                                (integers, (K, T) or (1, K, T)), or JASCO latents (floats,
                                                .npy/.pt/.safetensors, with --mean/--std or keys mean/std)
@@ -80,10 +80,12 @@ def add_parsers(sub, device_type) -> None:
     e.add_argument("input")
     e.add_argument("output")
     model_args(e, True)
+    e.add_argument("--lm", metavar="PATH", help="entropy code with encodec's language model (use_lm), its weights")
     d = sub.add_parser("decode", help=".ecdc, tokenized codes, a codes array or JASCO latents -> WAV")
     d.add_argument("input")
     d.add_argument("output")
     model_args(d, False)
+    d.add_argument("--lm", metavar="PATH", help="encodec's language model weights, for entropy-coded .ecdc files")
     d.add_argument("--mean", help="latents: a number or a .npy/.pt file (default: the input's 'mean', else 0)")
     d.add_argument("--std", help="latents: a number or a .npy/.pt file (default: the input's 'std', else 1)")
     t = sub.add_parser("tokenize", help="a folder or manifest of audio -> codes + manifest (resumable; torchrun)")
@@ -107,9 +109,17 @@ def encode(args) -> int:
 
     model = _load_model(args)
     model.set_target_bandwidth(args.bandwidth)
+    lm = _load_lm(args, model)
     wav = load_for_model(args.input, model.sample_rate, model.channels).to(args.device)
-    atomic_write_bytes(args.output, compress(model, wav))
+    atomic_write_bytes(args.output, compress(model, wav, use_lm=lm is not None, lm=lm))
     return 0
+
+
+def _load_lm(args, model):
+    if not args.lm:
+        return None
+    from .ecdc_lm import load_lm
+    return load_lm(model, args.lm).to(args.device)
 
 
 def _tensor_file(path: str) -> dict[str, torch.Tensor]:
@@ -154,7 +164,7 @@ def decode(args) -> int:
     with torch.no_grad():
         if inp.endswith(".ecdc"):
             with open(inp, "rb") as f:
-                meta, frames = bytes_to_frames(model, f.read())
+                meta, frames = bytes_to_frames(model, f.read(), _load_lm(args, model))
             length = meta["al"]
             wav = model.decode([(c.to(args.device), s if s is None else s.to(args.device)) for c, s in frames])
         else:

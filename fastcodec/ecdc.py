@@ -10,10 +10,11 @@ Layout (``encodec/binary.py``, ``encodec/compress.py``)::
         packed least-significant bit first into bytes, the last byte of the segment zero-padded.
 
 A segment's frame count is ``ceil(segment_samples / sample_rate * frame_rate)``, computed in floating point
-exactly as encodec does. The plain mode (``"lm": false``) is fully supported: files written here decode with
-``encodec.compress.decompress`` and the reverse, given the same weights. The entropy-coded mode
-(``"lm": true``) drives an arithmetic coder with encodec's small transformer language model, whose weights
-are a separate download: reading or writing it raises ``EcdcError`` saying so.
+exactly as encodec does. Files written here decode with ``encodec.compress.decompress`` and the reverse,
+given the same weights. The entropy-coded mode (``"lm": true``, encodec's ``use_lm``) replaces the packed
+codes of each segment by an arithmetic-coded stream driven by encodec's small transformer language model
+(``fastcodec.ecdc_lm``); it needs the LM's weights (``lm=``, from ``ecdc_lm.load_lm``), which fastcodec
+does not download.
 
 encodec 0.1.1 knows the model names ``encodec_24khz`` and ``encodec_48khz`` only; a file written with another
 model (e.g. MusicGen's 32 kHz codec) reads back here but not in encodec.
@@ -103,8 +104,8 @@ def _check_model(model) -> None:
 
 
 def frames_to_bytes(model, frames: tp.Sequence[tuple[torch.Tensor, tp.Optional[torch.Tensor]]],
-                    audio_length: int) -> bytes:
-    """Encoded frames (``model.encode`` of one waveform) -> ``.ecdc`` bytes (plain mode)."""
+                    audio_length: int, lm=None) -> bytes:
+    """Encoded frames (``model.encode`` of one waveform) -> ``.ecdc`` bytes; entropy coded with ``lm``."""
     _check_model(model)
     if not frames:
         raise EcdcError("no frames to write")
@@ -113,7 +114,7 @@ def frames_to_bytes(model, frames: tp.Sequence[tuple[torch.Tensor, tp.Optional[t
     if len(lengths) != len(frames):
         raise EcdcError(f"{len(frames)} frames for {audio_length} samples; the model makes {len(lengths)}")
     fo = io.BytesIO()
-    write_header(fo, {"m": model.name, "al": int(audio_length), "nc": int(K), "lm": False})
+    write_header(fo, {"m": model.name, "al": int(audio_length), "nc": int(K), "lm": lm is not None})
     for (codes, scale), n in zip(frames, lengths):
         if codes.dim() != 3 or codes.shape[0] != 1 or codes.shape[1] != K or codes.shape[2] != n:
             raise EcdcError(f"frame codes must be (1, {K}, {n}), got {tuple(codes.shape)}")
@@ -121,17 +122,22 @@ def frames_to_bytes(model, frames: tp.Sequence[tuple[torch.Tensor, tp.Optional[t
             raise EcdcError("a frame's scale must be given exactly when the model normalises the volume")
         if scale is not None:
             fo.write(_SCALE.pack(float(scale.reshape(-1)[0])))
-        fo.write(pack_codes(codes[0], model.bits_per_codebook))
+        if lm is None:
+            fo.write(pack_codes(codes[0], model.bits_per_codebook))
+        else:
+            from .ecdc_lm import encode_segment
+            fo.write(encode_segment(lm, codes[0]))
     return fo.getvalue()
 
 
-def bytes_to_frames(model, data: bytes) -> tuple[dict, list[tuple[torch.Tensor, tp.Optional[torch.Tensor]]]]:
-    """``.ecdc`` bytes -> (header, frames for ``model.decode``). The header's model name must be the model's."""
+def bytes_to_frames(model, data: bytes, lm=None) -> tuple[dict, list[tuple[torch.Tensor, tp.Optional[torch.Tensor]]]]:
+    """``.ecdc`` bytes -> (header, frames for ``model.decode``). The header's model name must be the model's;
+    an entropy-coded file needs ``lm`` (encodec's language model for this codec)."""
     fo = io.BytesIO(data)
     meta = read_header(fo)
-    if meta["lm"]:
-        raise EcdcError("this file is entropy coded with encodec's language model (use_lm=True); fastcodec "
-                        "reads and writes the plain mode only (compress with use_lm=False)")
+    if meta["lm"] and lm is None:
+        raise EcdcError("this file is entropy coded with encodec's language model (use_lm=True): pass its "
+                        "weights (--lm PATH, e.g. encodec_lm_24khz-1608e3c0.th; fastcodec does not download them)")
     if meta["m"] != getattr(model, "name", None):
         raise EcdcError(f"the file was written by the model {meta['m']!r}, not by this one "
                         f"({getattr(model, 'name', None)!r}): load the matching checkpoint")
@@ -144,27 +150,39 @@ def bytes_to_frames(model, data: bytes) -> tuple[dict, list[tuple[torch.Tensor, 
         if model.normalize:
             (s,) = _SCALE.unpack(_read_exactly(fo, _SCALE.size, "segment scale"))
             scale = torch.tensor([[s]], dtype=torch.float32)
+        if meta["lm"]:
+            from .ecdc_lm import decode_segment
+
+            def read_byte():
+                b = fo.read(1)
+                return b[0] if b else None
+            try:
+                frames.append((decode_segment(lm, read_byte, K, n), scale))
+            except EOFError as e:
+                raise EcdcError(str(e)) from None
+            continue
         size = (K * n * bits + 7) // 8
         frames.append((unpack_codes(_read_exactly(fo, size, "codes"), bits, K, n)[None], scale))
     return meta, frames
 
 
-def compress(model, wav: torch.Tensor, use_lm: bool = False) -> bytes:
-    """encodec's ``compress``: a waveform ``(C, T)`` at the model's rate -> ``.ecdc`` bytes."""
-    if use_lm:
-        raise EcdcError("use_lm=True (entropy coding with encodec's language model) is not supported: its "
-                        "weights are a separate download; use the plain mode")
+def compress(model, wav: torch.Tensor, use_lm: bool = False, lm=None) -> bytes:
+    """encodec's ``compress``: a waveform ``(C, T)`` at the model's rate -> ``.ecdc`` bytes; ``use_lm`` entropy
+    codes them with ``lm`` (encodec's language model, ``fastcodec.ecdc_lm.load_lm``)."""
+    if use_lm and lm is None:
+        raise EcdcError("use_lm=True needs encodec's language model weights (lm=fastcodec.ecdc_lm.load_lm(model, "
+                        "path)); fastcodec does not download them")
     if not isinstance(wav, torch.Tensor) or wav.dim() != 2:
         raise ValueError(f"wav must be a (channels, samples) tensor, got {getattr(wav, 'shape', type(wav))}")
     _check_model(model)
     with torch.no_grad():
         frames = model.encode(wav[None])
-    return frames_to_bytes(model, frames, wav.shape[-1])
+    return frames_to_bytes(model, frames, wav.shape[-1], lm if use_lm else None)
 
 
-def decompress(data: bytes, model) -> tuple[torch.Tensor, int]:
+def decompress(data: bytes, model, lm=None) -> tuple[torch.Tensor, int]:
     """encodec's ``decompress`` with the model given: ``.ecdc`` bytes -> (waveform ``(C, T)``, sample rate)."""
-    meta, frames = bytes_to_frames(model, data)
+    meta, frames = bytes_to_frames(model, data, lm)
     with torch.no_grad():
         wav = model.decode(frames)
     return wav[0, :, : meta["al"]], model.sample_rate

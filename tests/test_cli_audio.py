@@ -109,6 +109,20 @@ def test_encode_decode_files(model_arg, tmp_path, capsys):
     assert sr == 8_000 and out.shape == expected.shape == wav.shape
     # the WAV is 16-bit PCM clipped to 0.99: at most one quantization step (plus rounding) from the float audio
     assert (out - expected.clamp(-0.99, 0.99)).abs().max() <= Q16
+    # entropy coded (--lm: the language model's weights): the same codes, so the same audio, in fewer bytes
+    from fastcodec.ecdc_lm import lm_for
+    torch.save(lm_for(model).state_dict(), tmp_path / "lm.th")
+    short = write_wav(tmp_path / "short.wav", 0.01, sr=8_000, seed=6)  # 10 frames: one LM step each
+    assert cli.main(["encode", str(short), str(tmp_path / "lm.ecdc"), "--model", path, "--bandwidth", "12",
+                     "--lm", str(tmp_path / "lm.th")]) == 0
+    assert ecdc.read_header(io.BytesIO((tmp_path / "lm.ecdc").read_bytes()))["lm"] is True
+    assert cli.main(["decode", str(tmp_path / "lm.ecdc"), str(tmp_path / "lm.wav"), "--model", path]) == 2
+    assert "--lm PATH" in capsys.readouterr().err
+    assert cli.main(["decode", str(tmp_path / "lm.ecdc"), str(tmp_path / "lm.wav"), "--model", path,
+                     "--lm", str(tmp_path / "lm.th")]) == 0
+    plain = ecdc.decompress(ecdc.compress(model, load_for_model(short, 8_000, 1)), model)[0]
+    write_audio(tmp_path / "plain.wav", plain, 8_000)
+    assert torch.equal(read_audio(tmp_path / "lm.wav")[0], read_audio(tmp_path / "plain.wav")[0])
     # bad input: one line naming the file, exit status 2, no traceback
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     assert cli.main(["encode", str(tmp_path / "bad.wav"), str(tmp_path / "y.ecdc"), "--model", path]) == 2

@@ -88,5 +88,32 @@ def test_bad_streams_are_named():
     other = RefModel.encodec_model_48khz()
     with pytest.raises(ecdc.EcdcError, match="encodec_24khz"):
         ecdc.decompress(good, other)
-    with pytest.raises(ecdc.EcdcError, match="use_lm"):
+    with pytest.raises(ecdc.EcdcError, match="language model weights"):
         ecdc.compress(m, torch.zeros(1, 10), use_lm=True)
+
+
+@pytest.mark.parametrize("which,bandwidth", [("24khz", 1.5), ("48khz", 6.0)])
+def test_entropy_coded_mode_matches_encodec(oracle, monkeypatch, which, bandwidth):
+    from fastcodec.ecdc_lm import lm_for
+    ours, theirs = _pair(oracle, which)
+    comp, models = _their_compress(oracle, theirs)
+    monkeypatch.setattr(comp, "MODELS", models)
+    em = encodec_model_module(oracle)
+    torch.manual_seed(1234)  # encodec's get_lm_model seeds before building; the weights stay torch's random init
+    their_lm = em.LMModel(theirs.quantizer.n_q, theirs.quantizer.bins, num_layers=5, dim=200,
+                          past_context=int(3.5 * theirs.frame_rate)).eval()
+    monkeypatch.setattr(theirs, "get_lm_model", lambda: their_lm)  # instead of a download
+    lm = lm_for(ours)
+    lm.load_state_dict(their_lm.state_dict())  # same keys as encodec's LMModel
+    ours.set_target_bandwidth(bandwidth)
+    theirs.set_target_bandwidth(bandwidth)
+    if which == "48khz":
+        ours.segment = theirs.segment = 0.02
+    wav = 0.1 * torch.randn(ours.channels, int(0.05 * ours.sample_rate) + 7)
+    mine = ecdc.compress(ours, wav, use_lm=True, lm=lm)
+    their_bytes = comp.compress(theirs, wav, use_lm=True)
+    assert mine == their_bytes and ecdc.read_header(io.BytesIO(mine))["lm"] is True
+    w_theirs, _ = comp.decompress(mine)
+    w_ours, _ = ecdc.decompress(their_bytes, ours, lm=lm)
+    assert torch.equal(w_ours, w_theirs)
+    assert torch.equal(w_ours, ecdc.decompress(ecdc.compress(ours, wav), ours)[0])  # the same codes as plain
