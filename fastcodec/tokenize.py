@@ -145,6 +145,8 @@ class Tokenizer:
                         ("chunk_seconds", chunk_seconds), ("max_batch", max_batch)):
             if not v > 0:
                 raise ValueError(f"{name} must be positive, got {v}")
+        if model.quantizer.bins > 32768:
+            raise ValueError(f"codes are stored as int16: codebooks of {model.quantizer.bins} entries do not fit")
         if not (0 <= rank < world_size):
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.model, self.out = model.eval(), os.fspath(out_dir)
