@@ -93,11 +93,13 @@ def test_crash_then_resume_gives_the_same_outputs(model, clips, tmp_path, monkey
         Tokenizer(model, crashed, 12.0, progress=False).run(list_sources(clips))
 
 
-def test_long_file_streams_with_one_pass_codes(model, tmp_path):
+def test_long_file_streams_with_one_pass_codes(model, tmp_path, capsys):
     write_wav(tmp_path / "long.wav", 0.6, sr=SR, seed=7)
-    tok = Tokenizer(model, tmp_path / "out", BW, long_seconds=0.2, chunk_seconds=0.13, progress=False)
+    tok = Tokenizer(model, tmp_path / "out", BW, long_seconds=0.2, chunk_seconds=0.13, progress=True)
     assert tok.streamable
     tok.run(list_sources(tmp_path))
+    err = capsys.readouterr().err  # the progress bar: hours of audio and the real-time factor
+    assert "0.000/0.000 h of audio" in err and "x real time" in err
     codes = torch.from_numpy(np.load(tmp_path / "out" / "codes" / "long.wav.npy").astype(np.int64))[None]
     wav = load_for_model(tmp_path / "long.wav", SR, 1)[None]
     with torch.no_grad():
