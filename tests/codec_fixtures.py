@@ -5,8 +5,20 @@ import sys
 import types
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (autouse where imported). The ops on these milliseconds of audio are too small to share:
+    with 2 threads every op meets an OpenMP barrier, and on a loaded machine it waits there for a descheduled
+    thread (measured: a test_ecdc test 36 s with 2 threads, 5 s with 1, at load average 15 on 2 vCPUs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def randomize(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:

@@ -13,7 +13,7 @@ import torch
 
 from fastcodec.audio import load_for_model
 from fastcodec.tokenize import FAIL_AFTER_ENV, Tokenizer, list_sources, load_codes
-from tests.codec_fixtures import tiny_model, write_wav
+from tests.codec_fixtures import one_thread, tiny_model, write_wav  # noqa: F401  (autouse)
 from tests.utils import check_codes_equivalent
 
 BW = 24.0  # the tiny model's 4 codebooks
