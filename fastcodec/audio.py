@@ -38,7 +38,7 @@ def _sf():
 
 
 def audio_extensions() -> set[str]:
-    """Lower-case file extensions (with the dot) libsndfile reads here: .wav, .flac, .ogg, .mp3 (libsndfile >= 1.1), ..."""
+    """Lower-case extensions (with the dot) libsndfile reads here: .wav, .flac, .ogg, .mp3 (libsndfile >= 1.1)..."""
     exts = {"." + f.lower() for f in _sf().available_formats() if f != "RAW"}  # RAW needs a given layout
     if ".aiff" in exts:
         exts.add(".aif")

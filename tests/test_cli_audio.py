@@ -16,7 +16,7 @@ from fastcodec import cli, ecdc
 from fastcodec.audio import AudioError, audio_info, convert_audio, load_for_model, read_audio, write_audio
 from fastcodec import codec_cli
 from fastcodec.codec_cli import ModelError, resolve_model
-from tests.codec_fixtures import one_thread, randomize, tiny_model, write_wav  # noqa: F401  (autouse)
+from tests.codec_fixtures import one_thread, tiny_model, write_wav  # noqa: F401  (autouse)
 
 Q16 = 1 / 32768  # one step of the 16-bit PCM the WAVs are written in
 

@@ -42,8 +42,8 @@ def clips(tmp_path_factory):
 
 
 def _outputs(out) -> dict:
-    res = {"manifest": (out / "manifest.jsonl").read_text(), "errors": [json.loads(x)["key"] for x in
-                                                                        (out / "errors.jsonl").read_text().splitlines()]}
+    errors = (out / "errors.jsonl").read_text().splitlines()
+    res = {"manifest": (out / "manifest.jsonl").read_text(), "errors": [json.loads(x)["key"] for x in errors]}
     for line in res["manifest"].splitlines():
         e = json.loads(line)
         res[e["key"]] = np.load(out / e["codes"])
