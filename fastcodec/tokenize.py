@@ -243,7 +243,7 @@ class Tokenizer:
         label = "tokenize" + (f" rank {self.rank}/{self.world}" if self.world > 1 else "")
         return tqdm(total=total_h, desc=label, unit="h", file=sys.stderr, dynamic_ncols=True,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} h of audio "
-                               "[{elapsed}<{remaining}, {postfix}]")
+                               "[{elapsed}<{remaining}{postfix}]")
 
     def _batches(self, todo):
         """Consecutive clips (sorted by length) while the padded batch fits ``batch_seconds``; long ones alone."""
