@@ -5,6 +5,10 @@
     fastcodec bench [--full] [--only OPS] [--device cpu|cuda] [--budget S] [--threads N] [--json OUT] [--plot OUT.png]
                                      exit 1 when fastcodec's output disagrees with the oracle or a case cannot
                                      be built (another provider's mismatch is listed, not a failure)
+    fastcodec encode IN.wav OUT.ecdc --model PATH|24khz|48khz|32khz [--bandwidth 6]
+    fastcodec decode IN OUT.wav --model ...    IN: .ecdc, tokenized codes, a codes array or JASCO latents
+    fastcodec tokenize SRC_DIR_OR_MANIFEST OUT_DIR --model ... [--bandwidth 6]   (resumable; under torchrun too)
+    fastcodec selftest [--device cpu|cuda] [--quick]   every op and module against the reference on your device
 
 Errors in the command line or the environment print one clear message and exit non-zero, never a traceback.
 """
@@ -86,9 +90,9 @@ def _selftest(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="fastcodec", description="EnCodec with fused kernels: info, build, benchmarks.")
+    p = argparse.ArgumentParser(prog="fastcodec", description="EnCodec with fused kernels: info, build, benchmarks, self-test, encode/decode/tokenize audio.")
     p.add_argument("--version", action="version", version=f"fastcodec {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,build,bench,selftest}")
+    sub = p.add_subparsers(dest="command", metavar="{info,build,bench,selftest,encode,decode,tokenize}")
     sub.required = True
     sub.add_parser("info", help="versions, hardware, available backends and why not, build cache")
     b = sub.add_parser("build", help="prebuild the C++ extensions (otherwise built on first use)")
@@ -117,7 +121,23 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="cpu", type=_device, help="cpu (default) or cuda[:N]")
     st.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     st.add_argument("--only", metavar="CASES", help="comma-separated case names, e.g. rvq_encode,SEANetEncoder")
+    from . import codec_cli  # encode, decode, tokenize
+
+    codec_cli.add_parsers(sub, _device)
     return p
+
+
+def _codec_command(args) -> int:
+    from . import codec_cli
+    from .audio import AudioError
+    from .checkpoint import CheckpointError
+    from .ecdc import EcdcError
+    from .tokenize import TokenizeError
+
+    try:
+        return getattr(codec_cli, args.command)(args)
+    except (codec_cli.ModelError, AudioError, EcdcError, TokenizeError, CheckpointError, ValueError, OSError) as e:
+        raise CliError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed usage and the error (or --help) on stderr/stdout
         return int(e.code or 0)
     try:
-        return {"info": _info, "build": _build, "bench": _bench, "selftest": _selftest}[args.command](args)
+        return {"info": _info, "build": _build, "bench": _bench, "selftest": _selftest, "encode": _codec_command,
+                "decode": _codec_command, "tokenize": _codec_command}[args.command](args)
     except CliError as e:
         print(f"fastcodec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
