@@ -145,7 +145,9 @@ def config_for(name: str) -> EncodecConfig:
     key = name.split("/")[-1]
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[key]()
+    config = PRESETS[key]()
+    config.extra.setdefault("_name_or_path", f"facebook/{key}")  # as transformers' published config.json
+    return config
 
 
 def model_kwargs(config: EncodecConfig) -> dict:
@@ -162,9 +164,17 @@ def model_kwargs(config: EncodecConfig) -> dict:
     model = dict(target_bandwidths=list(config.target_bandwidths), sample_rate=config.sampling_rate,
                  channels=config.audio_channels, normalize=config.normalize, segment=config.chunk_length_s,
                  overlap=0.01 if config.overlap is None else config.overlap,
-                 name=str(config.extra.get("_name_or_path", "unset")))
+                 name=_model_name(config))
     return dict(encoder=seanet, decoder={**seanet, "trim_right_ratio": config.trim_right_ratio},
                 quantizer=rvq, model=model)
+
+
+def _model_name(config: EncodecConfig) -> str:
+    """encodec's ``model.name`` (what an .ecdc header records): the published model's name for its config
+    (``facebook/encodec_24khz`` -> ``encodec_24khz``), else the config's ``_name_or_path``, else ``unset``."""
+    name = str(config.extra.get("_name_or_path") or "unset")
+    base = name.rstrip("/").split("/")[-1]
+    return base if base in PRESETS else name
 
 
 def build_model(config: EncodecConfig, model_cls=None, encoder_cls=None, decoder_cls=None, quantizer_cls=None):
@@ -341,7 +351,7 @@ def _classify_torch_file(obj: tp.Any, path: str) -> tp.Tuple[tp.Optional[Encodec
         config = config_from_audiocraft(obj["xp.cfg"], where=f"{path} (an audiocraft compression checkpoint)")
         return config, best, "an audiocraft compression checkpoint"
     from .checkpoint import _unwrap
-    return None, _unwrap(obj, path), "an encodec/audiocraft state_dict"
+    return None, _unwrap(obj, path), "a state_dict"
 
 
 def _load_torch_file(path: str) -> tp.Any:
@@ -378,7 +388,7 @@ def _guess_preset(state: dict, path: str) -> EncodecConfig:
             return c
     found = ("no encoder.model.0 conv or codebooks" if sig is None else
              "channels %d, n_filters %d, %s, %d codebooks of %d" % (sig[0], sig[1], sig[2], sig[4], sig[3]))
-    raise CheckpointError(f"{path} is a state_dict that fits none of the published EnCodec models ({found}); "
+    raise CheckpointError(f"{path} fits none of the published EnCodec models ({found}); "
                           "pass config= (an EncodecConfig, a dict, a preset name or a config.json path)")
 
 

@@ -91,7 +91,7 @@ def test_model_resolution(tmp_path):
     key = "encoder.model.0.conv.conv.weight_v"
     assert m.name == "encodec_24khz" and torch.equal(m.state_dict()[key], saved.state_dict()[key])
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.th")
-    with pytest.raises(ModelError, match="not an encodec/audiocraft EnCodec state_dict"):
+    with pytest.raises(ModelError, match="fits none of the published EnCodec models"):
         resolve_model(str(tmp_path / "other.th"))
 
 
