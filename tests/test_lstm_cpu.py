@@ -247,7 +247,7 @@ def test_fastcodec_lstm_op_runs_the_kernel(monkeypatch, aten_native):
     with torch.no_grad():
         assert torch.equal(seanet.lstm_op(x, ws, 2), L.lstm_cpu(x, ws, 2))
         monkeypatch.setenv("FASTCODEC_BACKEND", "reference")
-        assert torch.equal(seanet.lstm_op(x, ws, 2), seanet._lstm_impl(x, ws, 2))
+        assert torch.equal(seanet.lstm_op(x, ws, 2), L._lstm_impl(x, ws, 2))
     monkeypatch.delenv("FASTCODEC_BACKEND")
     # training: the forward runs the kernel, the backward recomputes with ATen
     xg = x.clone().requires_grad_()
@@ -275,14 +275,16 @@ def test_unbuildable_kernel_falls_back_or_raises(monkeypatch):
 
     lstm, x, _, _ = _problem(40, 48, 1, 3, 2)
     ws = list(lstm._flat_weights)
-    monkeypatch.setattr(L, "_probe_result", _backend.Availability(False, "compiler missing (test)"))
-    monkeypatch.setattr(L, "_warned", False)
-    for var in ("FASTCODEC_BACKEND", "FASTCODEC_CONV_BACKEND"):
+    monkeypatch.setitem(_backend._probes, ("lstm", "cpp"),
+                        lambda: _backend.Availability(False, "compiler missing (test)"))
+    monkeypatch.setattr(_backend, "_probe_cache", {})
+    monkeypatch.setattr(_backend, "_warned", set())
+    for var in ("FASTCODEC_BACKEND", "FASTCODEC_CONV_BACKEND", "FASTCODEC_LSTM_BACKEND"):
         monkeypatch.delenv(var, raising=False)
     with torch.no_grad():
         with pytest.warns(RuntimeWarning, match="compiler missing"):
             y = seanet.lstm_op(x, ws, 1)
-        assert torch.equal(y, seanet._lstm_impl(x, ws, 1))
+        assert torch.equal(y, L._lstm_impl(x, ws, 1))
         monkeypatch.setenv("FASTCODEC_BACKEND", "cpp")
         with pytest.raises(_backend.BackendUnavailableError, match="compiler missing"):
             seanet.lstm_op(x, ws, 1)
