@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from fastcodec import steps
 from fastcodec import streaming as S
 
 HOP = 320
@@ -85,13 +86,13 @@ def _streamed_weights(module: torch.nn.Module) -> list[torch.Tensor]:
 
     def walk(steps):
         for st in steps:
-            if isinstance(st, (S._Conv, S._ConvTranspose)):
+            if isinstance(st, (steps.ConvStep, steps.ConvTrStep)):
                 out.append(st.weight.get()[1])
-            elif isinstance(st, S._LSTM):
-                out.extend(t for layer in st.weights.get() for t in layer[:2])
-            elif isinstance(st, S._Residual):
+            elif isinstance(st, steps.LSTMStep):
+                out.extend(t for layer in st.weights.transposed() for t in layer[:2])
+            elif isinstance(st, steps.ResStep):
                 walk(st.block)
-                walk(st.shortcut)
+                walk(st.shortcut_steps)
 
     walk(S.plan_of(module).steps)
     return out

@@ -1,12 +1,16 @@
 """Backend choice: the only place that decides which implementation runs.
 
 ``FASTCODEC_BACKEND=auto|reference|cpp|triton|cuda`` (default ``auto``) applies to every op family;
-``FASTCODEC_RVQ_BACKEND`` / ``FASTCODEC_CONV_BACKEND`` override it for one family.
+``FASTCODEC_<FAMILY>_BACKEND`` overrides it for one family. The families: ``rvq`` (the quantizer ops), ``conv``
+(the SEANet convs and fused residual blocks), ``lstm`` (``fastcodec::lstm`` and the LSTM step) and ``streaming``
+(the single-step conv updates). ``lstm`` and ``streaming`` are SEANet kernels too: unless their own variable is
+set they follow ``FASTCODEC_CONV_BACKEND`` (``PARENT``), so one variable still switches a whole SEANet.
 
 - ``auto``: the fastest implementation available for the tensor's device. If the preferred one
   cannot run (e.g. the C++ build failed), warn once with the reason and use the reference.
 - a forced backend that cannot run for that family and device raises ``BackendUnavailableError``
-  with the reason. Never a silent fallback.
+  with the reason. Never a silent fallback. ``choose`` is the only place that applies this rule; an op asks it
+  and runs what it returns.
 - ``auto`` on CPU tensors weighs the CPU's SIMD level (``simd_level()``): the C++ kernels are built with
   ``-march=native`` and have AVX-512 and AVX2+FMA paths; without AVX2 they are portable scalar loops,
   slower than the reference, so ``auto`` warns once and uses the reference (forcing ``cpp`` still runs them).
@@ -24,28 +28,29 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("reference", "cpp", "triton", "cuda")
-FAMILIES = ("rvq", "conv")
+from ._build import CPP_EXTENSIONS, ExtensionBuildError  # noqa: F401  (CPP_EXTENSIONS: re-exported for info)
 
-# name -> (sources in csrc/, extra cflags). Built lazily by fastcodec._build.load_extension.
-CPP_EXTENSIONS: dict[str, tuple[list[str], list[str]]] = {
-    "rvq_cpu": (["rvq_cpu.cpp"], []),
-    "conv_cpu": (["conv1d_cpu.cpp"], []),
-    "lstm_cpu": (["lstm_cpu.cpp"], []),
-    "stream_cpu": (["stream_cpu.cpp"], []),
-}
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+FAMILIES = ("rvq", "conv", "lstm", "streaming")
+# a family without its own variable set follows its parent's variable before FASTCODEC_BACKEND
+PARENT = {"lstm": "conv", "streaming": "conv"}
 
 # family -> device type -> backends in order of preference (reference is always last)
 PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "rvq": {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")},
     # cuda conv: only where CUDA_CONV_MEASURED_FASTER lists the GPU (see auto_skip_reason)
     "conv": {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
+    # reference: ATen's LSTM (cuDNN on CUDA); the single-step updates as ATen GEMMs
+    "lstm": {"cpu": ("cpp", "reference"), "cuda": ("reference",)},
+    "streaming": {"cpu": ("cpp", "reference"), "cuda": ("reference",)},
 }
 # backends a family implements at all, per device type (forcing one outside this raises)
 SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
     # triton on CPU tensors runs only under TRITON_INTERPRET=1 (tests exercise the kernels that way)
     "rvq": {"cpu": ("cpp", "triton", "reference"), "cuda": ("triton", "reference")},
     "conv": {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
+    "lstm": {"cpu": ("cpp", "reference"), "cuda": ("reference",)},
+    "streaming": {"cpu": ("cpp", "reference"), "cuda": ("reference",)},
 }
 
 
@@ -77,14 +82,16 @@ SIMD_NAMES = {
 # the reference, interleaved on an AMD EPYC Zen 2, 1 thread, shared machine (2026-12-02).
 PORTABLE_SLOWER = {
     "rvq": "the RVQ encode 6.8x slower than the reference (B8 T750 K8, 1024 bins, D 128: 5.3 s vs 0.78 s)",
-    "conv": "the 24 kHz SEANet encoder 1.8x slower than the reference (B1 10 s: 3.2 s vs 1.7 s), the LSTM 4x "
-            "and a streamed chunk 3.6x slower",
+    "conv": "the 24 kHz SEANet encoder 1.8x slower than the reference (B1 10 s: 3.2 s vs 1.7 s)",
+    "lstm": "the LSTM 4x slower than the reference (ATen's LSTM)",
+    "streaming": "a streamed chunk 3.6x slower than the reference (the ATen steps)",
 }
 # What the C++ kernels measured against the reference/audiocraft on each vector path (`fastcodec info`).
 CPP_MEASURED = {
     ("rvq", "avx2"): "RVQ encode B8 T750 K8 at 2.1x the reference's speed on a Zen 2, 1 thread",
-    ("conv", "avx2"): "24 kHz SEANet B1 10 s encoder at 1.4x, decoder 1.6x, a streamed chunk 1.2x the "
-                      "reference's speed on a Zen 2, 1 thread",
+    ("conv", "avx2"): "24 kHz SEANet B1 10 s encoder at 1.4x, decoder 1.6x the reference's speed on a Zen 2, "
+                      "1 thread",
+    ("streaming", "avx2"): "a streamed chunk at 1.2x the reference's (the ATen steps') speed on a Zen 2, 1 thread",
     ("rvq", "avx512"): "RVQ encode B8 T750 K8 at 4.8x audiocraft's speed on a Zen 4, 2 threads",
     ("conv", "avx512"): "24 kHz SEANet B1 10 s encoder at 2.3x, decoder 1.8x audiocraft's speed on a Zen 4, "
                         "2 threads",
@@ -234,8 +241,6 @@ def probe_by_loading(load: Callable[[], object]) -> Callable[[], Availability]:
     """A probe that is available when ``load()`` (an extension build/import) succeeds, else says why."""
 
     def probe() -> Availability:
-        from ._build import ExtensionBuildError
-
         try:
             load()
         except ExtensionBuildError as e:
@@ -245,13 +250,25 @@ def probe_by_loading(load: Callable[[], object]) -> Callable[[], Availability]:
     return probe
 
 
+def _deciding_vars(family: str) -> list[str]:
+    """The variables that set ``family``'s backend, first match wins: its own, its parent's, the global one."""
+    chain = [env_var(family)] + ([env_var(PARENT[family])] if family in PARENT else [])
+    return chain + [GLOBAL_VAR]
+
+
 def requested(family: str) -> str:
-    """The backend asked for ``family``: ``FASTCODEC_<FAMILY>_BACKEND``, else ``FASTCODEC_BACKEND``, else auto.
-    Both variables are checked, so a bad value raises ValueError naming it even where the other one decides."""
+    """The backend asked for ``family``: ``FASTCODEC_<FAMILY>_BACKEND``, else its parent family's variable
+    (``PARENT``), else ``FASTCODEC_BACKEND``, else auto. Every variable in that chain is checked, so a bad value
+    raises ValueError naming it even where another one decides."""
     if family not in FAMILIES:
         raise ValueError(f"unknown op family {family!r}; the families are {', '.join(FAMILIES)}")
-    own, glob = _parse(env_var(family)), _parse(GLOBAL_VAR)
-    return own or glob or "auto"
+    values = [_parse(v) for v in _deciding_vars(family)]
+    return next((v for v in values if v), "auto")
+
+
+def deciding_var(family: str) -> str:
+    """The variable whose value ``requested(family)`` returned (``FASTCODEC_BACKEND`` when none is set)."""
+    return next((v for v in _deciding_vars(family) if os.environ.get(v, "").strip()), GLOBAL_VAR)
 
 
 def _triton_probe() -> Availability:
@@ -318,7 +335,7 @@ def choose(family: str, device: torch.device | str) -> str:
     if want != "auto":
         a = availability(family, want, dtype)
         if not a.ok:
-            var = env_var(family) if os.environ.get(env_var(family), "").strip() else GLOBAL_VAR
+            var = deciding_var(family)
             raise BackendUnavailableError(
                 f"{var}={want} was forced for the {family} ops on {dtype}, but it cannot run: {a.reason}"
             )

@@ -44,6 +44,15 @@ _LAYOUT = "src-copy-1"
 ORPHAN_WAIT_S = 600.0
 
 
+# name -> (sources in csrc/, extra cflags). Built lazily by ``load_named``; ``fastcodec._backend`` probes them.
+CPP_EXTENSIONS: dict[str, tuple[list[str], list[str]]] = {
+    "rvq_cpu": (["rvq_cpu.cpp"], []),
+    "conv_cpu": (["conv1d_cpu.cpp"], []),
+    "lstm_cpu": (["lstm_cpu.cpp"], []),
+    "stream_cpu": (["stream_cpu.cpp"], []),
+}
+
+
 class ExtensionBuildError(RuntimeError):
     """A C++/CUDA extension could not be built or loaded; the message says why and how to fix it."""
 
@@ -281,19 +290,15 @@ def load_extension(
 
 
 def load_named(name: str, verbose: bool | None = None, *, prebuild: bool = False) -> ModuleType:
-    """Build (once) and import the extension ``name`` listed in ``_backend.CPP_EXTENSIONS``."""
-    from . import _backend
-
-    sources, cflags = _backend.CPP_EXTENSIONS[name]
+    """Build (once) and import the extension ``name`` listed in ``CPP_EXTENSIONS``."""
+    sources, cflags = CPP_EXTENSIONS[name]
     return load_extension(name, sources, cflags, verbose=verbose, prebuild=prebuild)
 
 
 def build_all(verbose: bool = False) -> dict[str, str]:
     """Build every C++ extension now (``fastcodec build``); returns ``{name: "ok" | reason}``."""
-    from . import _backend
-
     out: dict[str, str] = {}
-    for name in _backend.CPP_EXTENSIONS:
+    for name in CPP_EXTENSIONS:
         try:
             load_named(name, verbose=verbose, prebuild=True)
             out[name] = "ok"

@@ -195,18 +195,18 @@ def _info(args) -> int:
     for fam, devs in _backend.backends().items():
         for dev, bs in devs.items():
             for b, status in bs.items():
-                print(f"  {fam:5} {dev:5} {b:10} {'available' if status == 'available' else 'unavailable: ' + status}")
-    # what runs per family: auto's pick and why (the fused LSTM and the streaming steps follow the conv family)
+                print(f"  {fam:9} {dev:5} {b:10} {'available' if status == 'available' else 'unavailable: ' + status}")
+    # what runs per family: auto's pick and why
     print("in use (family, device, backend: why):")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for fam in _backend.FAMILIES:
         for dev in devices:
-            print(f"  {fam:5} {dev:5} {_in_use(_backend, fam, dev)}")
-    print("  (the fused LSTM and the streaming steps run with the conv family's backend)")
+            print(f"  {fam:9} {dev:5} {_in_use(_backend, fam, dev)}")
+    kids = ", ".join(f"{k} ({_backend.env_var(k)})" for k in _backend.PARENT)
+    print(f"  ({kids} follow {_backend.env_var('conv')} unless their own variable is set)")
     if not torch.cuda.is_available():
         print(f"  (cuda: {_backend._no_cuda_reason()})")
-    # the conv cpp backend also uses the fused LSTM and the streaming steps; each falls back to ATen with a
-    # warning when its extension cannot build: say which and why here (builds what is not cached yet)
+    # builds what is not cached yet: a family whose extension cannot build says why above, and here
     print("C++ extensions (name: status):")
     for name in _backend.CPP_EXTENSIONS:
         try:
@@ -237,7 +237,8 @@ def _in_use(_backend, fam: str, dev: str) -> str:
         return f"{'-':10} {e}"
     if want != "auto":
         a = _backend.availability(fam, want, dev)
-        return f"{want:10} forced" + ("" if a.ok else f", but it cannot run: {a.reason}")
+        why = "" if a.ok else f", but it cannot run: {a.reason}"
+        return f"{want:10} forced by {_backend.deciding_var(fam)}{why}"
     b, passed = _backend.auto_choice(fam, dev)
     if b is None:
         return f"{'-':10} nothing can run: " + "; ".join(passed)

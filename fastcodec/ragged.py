@@ -44,9 +44,10 @@ import torch
 from torch import nn
 
 from . import _hooks, _pool
-from .ops.conv import streamable_padding
 from .reference.model import EncodedFrame
-from .seanet import _ConvStep, _LSTMStep, _ResStep
+from .steps import ConvStep as _ConvStep
+from .steps import LSTMStep as _LSTMStep
+from .steps import ResStep as _ResStep
 
 __all__ = ["encode_batch", "encode_padded", "strategy", "MAX_BATCH_SAMPLES"]
 
@@ -291,7 +292,7 @@ def _padding_conv(step) -> _ConvStep | None:
 
 
 def _conv_padding(conv: _ConvStep, length: int) -> tuple[int, int]:
-    return streamable_padding(length, conv.conv.kernel_size[0], conv.stride, conv.dilation, conv.module.causal)
+    return conv.padding(length)
 
 
 def _walk(plan: list, length: int) -> tp.Iterator[tuple[_ConvStep, int]]:

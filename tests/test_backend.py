@@ -120,12 +120,12 @@ def test_check_environment_lists_every_problem(clean_env):
     clean_env.setenv("FASTCODEC_BACKEND", "Reference")  # case and blanks are fine
     clean_env.setenv("FASTCODEC_RVQ_BACKEND", "gpu")
     clean_env.setenv("FASTCODEC_CONV_BACKEND", "triton")
-    clean_env.setenv("FASTCODEC_LSTM_BACKEND", "cpp")
+    clean_env.setenv("FASTCODEC_DECODER_BACKEND", "cpp")
     problems = _backend.check_environment()
     assert len(problems) == 3, problems
     assert any("FASTCODEC_RVQ_BACKEND='gpu' is not a backend" in p for p in problems)
     assert any("FASTCODEC_CONV_BACKEND=triton: the conv ops have no 'triton' implementation" in p for p in problems)
-    assert any("FASTCODEC_LSTM_BACKEND is not read by fastcodec" in p for p in problems)
+    assert any("FASTCODEC_DECODER_BACKEND is not read by fastcodec" in p for p in problems)
 
 
 def test_import_warns_about_an_invalid_value():

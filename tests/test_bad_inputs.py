@@ -180,7 +180,7 @@ def _lstm(fn):
 
 
 def _lstm_ref(x, weights, num_layers):
-    from fastcodec.seanet import _lstm_impl
+    from fastcodec.ops.lstm import _lstm_impl
 
     return _lstm_impl(x, weights, num_layers)
 

@@ -15,7 +15,6 @@ import contextlib
 import pytest
 import torch
 
-from fastcodec import seanet
 from fastcodec.ops import lstm as L
 
 # kernel error <= ERR_FACTOR * max(ATen's error, EPS32): see the module docstring for the measurements
@@ -245,13 +244,13 @@ def test_fastcodec_lstm_op_runs_the_kernel(monkeypatch, aten_native):
     lstm, x, _, _ = _problem(40, 48, 2, 9, 2)
     ws = [getattr(lstm, n) for n in lstm._flat_weights_names]
     with torch.no_grad():
-        assert torch.equal(seanet.lstm_op(x, ws, 2), L.lstm_cpu(x, ws, 2))
+        assert torch.equal(L.lstm_op(x, ws, 2), L.lstm_cpu(x, ws, 2))
         monkeypatch.setenv("FASTCODEC_BACKEND", "reference")
-        assert torch.equal(seanet.lstm_op(x, ws, 2), seanet._lstm_impl(x, ws, 2))
+        assert torch.equal(L.lstm_op(x, ws, 2), L._lstm_impl(x, ws, 2))
     monkeypatch.delenv("FASTCODEC_BACKEND")
     # training: the forward runs the kernel, the backward recomputes with ATen
     xg = x.clone().requires_grad_()
-    seanet.lstm_op(xg, ws, 2).square().sum().backward()
+    L.lstm_op(xg, ws, 2).square().sum().backward()
     g_op = [w.grad.clone() for w in ws]
     lstm.zero_grad()
     xr = x.clone().requires_grad_()
@@ -266,8 +265,8 @@ def test_fastcodec_lstm_op_runs_the_kernel(monkeypatch, aten_native):
         scale = r64.abs().max().item()
         assert e_op <= GRAD_FACTOR * max(e_aten, U * scale), \
             f"grad {name}: error vs float64 {e_op:.3e}, ATen float32's {e_aten:.3e} (u x {scale:.3g})"
-    torch.library.opcheck(seanet.lstm_op, (x, ws, 2))
-    torch.library.opcheck(seanet.lstm_op, (x.clone().requires_grad_(), ws, 2))
+    torch.library.opcheck(L.lstm_op, (x, ws, 2))
+    torch.library.opcheck(L.lstm_op, (x.clone().requires_grad_(), ws, 2))
 
 
 def test_unbuildable_kernel_falls_back_or_raises(monkeypatch):
@@ -275,17 +274,19 @@ def test_unbuildable_kernel_falls_back_or_raises(monkeypatch):
 
     lstm, x, _, _ = _problem(40, 48, 1, 3, 2)
     ws = list(lstm._flat_weights)
-    monkeypatch.setattr(L, "_probe_result", _backend.Availability(False, "compiler missing (test)"))
-    monkeypatch.setattr(L, "_warned", False)
-    for var in ("FASTCODEC_BACKEND", "FASTCODEC_CONV_BACKEND"):
+    monkeypatch.setitem(_backend._probes, ("lstm", "cpp"),
+                        lambda: _backend.Availability(False, "compiler missing (test)"))
+    monkeypatch.setattr(_backend, "_probe_cache", {})
+    monkeypatch.setattr(_backend, "_warned", set())
+    for var in ("FASTCODEC_BACKEND", "FASTCODEC_CONV_BACKEND", "FASTCODEC_LSTM_BACKEND"):
         monkeypatch.delenv(var, raising=False)
     with torch.no_grad():
         with pytest.warns(RuntimeWarning, match="compiler missing"):
-            y = seanet.lstm_op(x, ws, 1)
-        assert torch.equal(y, seanet._lstm_impl(x, ws, 1))
+            y = L.lstm_op(x, ws, 1)
+        assert torch.equal(y, L._lstm_impl(x, ws, 1))
         monkeypatch.setenv("FASTCODEC_BACKEND", "cpp")
         with pytest.raises(_backend.BackendUnavailableError, match="compiler missing"):
-            seanet.lstm_op(x, ws, 1)
+            L.lstm_op(x, ws, 1)
 
 
 def test_bad_input():

@@ -120,7 +120,7 @@ def test_forced_reference_backend(monkeypatch):
     monkeypatch.setenv("FASTCODEC_CONV_BACKEND", "reference")
     cfg = CONFIGS["encodec24k"]
     ref, fast, _ = _pair(RefEncoder, fastcodec.SEANetEncoder, cfg)
-    monkeypatch.setattr(fastcodec.seanet.conv_ops, "conv1d", lambda *a, **k: pytest.fail("fast op used"))
+    monkeypatch.setattr(fastcodec.steps.conv.conv_ops, "conv1d", lambda *a, **k: pytest.fail("fast op used"))
     x = torch.randn(1, 1, 500)
     with torch.no_grad():
         assert torch.equal(fast(x), ref(x))
@@ -144,7 +144,7 @@ def test_tiled_residual_blocks_are_bitwise_the_untiled_ones(monkeypatch, name, w
     # inference on long signals runs residual blocks tile by tile (halo from the neighbours, padding only at
     # the signal's ends): every output sample comes from the same kernel arithmetic, so bitwise equal.
     # Small tiles here (the real one is 8192 samples) so short inputs cross many tile edges.
-    from fastcodec import seanet as S
+    from fastcodec.steps import residual as S
 
     cls = fastcodec.SEANetEncoder if which == "encoder" else fastcodec.SEANetDecoder
     torch.manual_seed(0)
@@ -152,8 +152,8 @@ def test_tiled_residual_blocks_are_bitwise_the_untiled_ones(monkeypatch, name, w
     x = torch.randn(2, CONFIGS[name]["channels"], 3001) if which == "encoder" else \
         torch.randn(2, CONFIGS[name]["dimension"], 41)
     tiled = []
-    real = S._ResStep._tiled
-    monkeypatch.setattr(S._ResStep, "_tiled", lambda self, h: tiled.append(h.shape[-1]) or real(self, h))
+    real = S.ResStep._tiled
+    monkeypatch.setattr(S.ResStep, "_tiled", lambda self, h: tiled.append(h.shape[-1]) or real(self, h))
     monkeypatch.setattr(S, "_RES_FUSED_MIN", 74)
     with torch.no_grad():
         y = m(x)
@@ -190,7 +190,7 @@ class _threads:
 
 def _res_pair(dim, dilation, causal, pad_mode, true_skip):
     """A reference SEANetResnetBlock with perturbed weight-norm weights and its fast step."""
-    from fastcodec import seanet as S
+    from fastcodec import steps
     from fastcodec.reference.seanet import SEANetResnetBlock
 
     blk = SEANetResnetBlock(dim, dilations=(dilation, 1), norm="weight_norm", causal=causal, pad_mode=pad_mode,
@@ -198,12 +198,12 @@ def _res_pair(dim, dilation, causal, pad_mode, true_skip):
     with torch.no_grad():
         for p in blk.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return blk, S._ResStep(blk)
+    return blk, steps.build(blk, "", None, dim)[0]
 
 
 def _res_plain(step, x):
     """The block as three separate fastcodec conv1d calls (the untiled arithmetic, written out)."""
-    from fastcodec import seanet as S
+    from fastcodec.steps import residual as S
     from fastcodec.ops import conv as conv_ops
 
     s0, s1, sc = step.steps[0], step.steps[1], step.shortcut
@@ -223,7 +223,7 @@ def test_fused_resblock_is_bitwise_the_untiled_block(monkeypatch, dim, true_skip
     # every output is the same chunked sum over r = ci*kernel + k in the same order, whatever the tile or the
     # thread: bitwise equal to the untiled step and to three plain conv1d calls. Tiles of 64 frames (one
     # micro-tile), 37 (not a whole vector: partial vectors and row tails) and the automatic choice.
-    from fastcodec import seanet as S
+    from fastcodec.steps import residual as S
 
     ref64_err = []
     for dilation in (1, 3):
@@ -266,7 +266,7 @@ def test_fused_resblock_strided_inputs():
 
 def test_fused_resblock_writes_every_output():
     # out prefilled with NaN: every element must be overwritten (odd T, partial last tile, B=3)
-    from fastcodec import seanet as S
+    from fastcodec.steps import residual as S
     from fastcodec.ops import conv as conv_ops
 
     _, step = _res_pair(20, 3, True, "constant", False)
@@ -282,13 +282,13 @@ def test_fused_resblock_writes_every_output():
 
 def test_fused_resblock_through_the_module(monkeypatch):
     # the module path picks the fused block for signals of at least _RES_FUSED_MIN samples (lowered here)
-    from fastcodec import seanet as S
+    from fastcodec.steps import residual as S
 
     _, step = _res_pair(32, 1, True, "reflect", False)
     x = torch.randn(1, 32, 1000)
     calls = []
-    real = S._ResStep._tiled
-    monkeypatch.setattr(S._ResStep, "_tiled", lambda self, h, tile=None: calls.append(1) or real(self, h, tile))
+    real = S.ResStep._tiled
+    monkeypatch.setattr(S.ResStep, "_tiled", lambda self, h, tile=None: calls.append(1) or real(self, h, tile))
     monkeypatch.setattr(S, "_RES_FUSED_MIN", 200)
     with torch.no_grad():
         y = step(x)

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastcodec import _build
+from fastcodec import _build, steps
 from fastcodec import streaming as S
+from fastcodec.ops import stream as stream_ops
 from fastcodec.reference.conv import StreamableConv1d
 from fastcodec.reference.model import EncodecModel
 from fastcodec.reference.seanet import SEANetDecoder, SEANetEncoder
@@ -433,7 +434,7 @@ def test_streaming_context_audiocraft_convention():
 
 def test_registered_step_builder_and_conv_seam():
     """A module class the planner does not know is taught with register_step_builder; the conv seam
-    (``step.conv``) is where a fast conv plugs in."""
+    (``step.conv_step``) is where a fast conv plugs in."""
     class CountedConv(StreamableConv1d):
         pass
 
@@ -444,8 +445,8 @@ def test_registered_step_builder_and_conv_seam():
         return S.conv1d_step(*args)
 
     def build(module, path, act):
-        step = S._Conv(module, path, act)
-        step.conv = counted
+        step = steps.ConvStep(module, act, path)
+        step.conv_step = counted
         return [step]
 
     S.register_step_builder(CountedConv, build)
@@ -496,7 +497,7 @@ def kernels():
 
 
 def _panels(kernels, w2d: torch.Tensor) -> torch.Tensor:
-    return kernels.pack_panels(w2d, S._panel_width(w2d.shape[1]))
+    return kernels.pack_panels(w2d, stream_ops.panel_width(w2d.shape[1]))
 
 
 @pytest.mark.parametrize("c_in,c_out,k,s,d,frames,batch", [
@@ -699,22 +700,22 @@ def test_unbuildable_fused_lstm_warns_or_raises(model24, monkeypatch):
     """The fused LSTM cannot build: auto warns once and streams the LSTM through ATen (same outputs within
     the float32 bound); a forced cpp backend raises BackendUnavailableError naming the reason."""
     from fastcodec import _backend
-    from fastcodec.ops import lstm as lstm_ops
 
     model, model64 = model24
     x = torch.randn(1, 1, 1600)
-
-    def broken():
-        raise _build.ExtensionBuildError("no compiler (simulated)")
-
-    monkeypatch.setattr(lstm_ops, "extension", broken)
-    monkeypatch.delitem(S._KERNELS, "lstm", raising=False)
-    with pytest.warns(RuntimeWarning, match="LSTM step runs on ATen.*simulated"):
-        out, _ = _run(model.encoder, x, [700, 900])
+    for var in ("FASTCODEC_BACKEND", "FASTCODEC_CONV_BACKEND", "FASTCODEC_LSTM_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(_backend._probes, ("lstm", "cpp"),
+                        lambda: _backend.Availability(False, "no compiler (simulated)"))
+    monkeypatch.setattr(_backend, "_probe_cache", {})
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(S, "_CHOICE", {})
+    with pytest.warns(RuntimeWarning, match="'reference' backend for the lstm ops.*simulated"):
+        state = S.stream_state(model.encoder, 1)
+        out, _ = _run(model.encoder, x, [700, 900], state)
+    assert state.slots.kernels and not state.slots.fused_lstm  # the convs still run the streaming kernels
     with torch.no_grad():
         _assert_f32(out, model.encoder(x), model64.encoder(x.double()), "encoder/aten-lstm")
-    monkeypatch.delitem(S._KERNELS, "lstm")
     monkeypatch.setenv("FASTCODEC_CONV_BACKEND", "cpp")
-    with pytest.raises(_backend.BackendUnavailableError, match="fused LSTM.*simulated"):
+    with pytest.raises(_backend.BackendUnavailableError, match="FASTCODEC_CONV_BACKEND=cpp.*lstm.*simulated"):
         _run(model.encoder, x, [1600])
-    monkeypatch.delitem(S._KERNELS, "lstm", raising=False)
