@@ -36,7 +36,8 @@ from fastcodec.bench.harness import machine_info
 from fastcodec.tokenize import Tokenizer, list_sources
 
 SEANET_32K = dict(channels=1, dimension=128, n_filters=64, n_residual_layers=1, ratios=[8, 5, 4, 4],
-                  norm="weight_norm", causal=False, pad_mode="constant", true_skip=True, compress=2, lstm=2)
+                  norm="weight_norm", causal=False, pad_mode="reflect", true_skip=True, compress=2, lstm=2)
+# pad_mode: facebook/encodec_32khz's config (transformers' default "reflect"), the model MusicGen loads
 
 
 def _random_state(model, sample_rate: int, seed: int = 0) -> dict:
