@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .quantization import ResidualVectorQuantizer
+from .reference.model import normalize_volume
 from .reference.quantization import QuantizedResult
 from .seanet import SEANetDecoder, SEANetEncoder
 
@@ -305,10 +306,7 @@ class AudiocraftEncodecModel(nn.Module):
     def preprocess(self, x: torch.Tensor) -> tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
         if not self.renormalize:
             return x, None
-        mono = x.mean(dim=1, keepdim=True)
-        volume = mono.pow(2).mean(dim=2, keepdim=True).sqrt()
-        scale = 1e-8 + volume
-        return x / scale, scale.view(-1, 1)
+        return normalize_volume(x)
 
     def postprocess(self, x: torch.Tensor, scale: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         if scale is None:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from . import _hooks, _pool
-from .reference.model import EncodedFrame
+from .reference.model import EncodedFrame, normalize_volume
 from .steps import ConvStep as _ConvStep
 from .steps import LSTMStep as _LSTMStep
 from .steps import ResStep as _ResStep
@@ -201,10 +201,7 @@ def _normalized(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     computed on that piece alone (a batched RMS could sum in another order)."""
     if not model.normalize:
         return x, None
-    mono = x.mean(dim=1, keepdim=True)
-    volume = mono.pow(2).mean(dim=2, keepdim=True).sqrt()
-    scale = 1e-8 + volume
-    return x / scale, scale.view(-1, 1)
+    return normalize_volume(x)
 
 
 def _batches(items: list[tuple[int, int, int]], channels: int,

@@ -54,6 +54,14 @@ def linear_overlap_add(frames: tp.Sequence[torch.Tensor], stride: int) -> torch.
     return out / sum_weight
 
 
+def normalize_volume(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """encodec's volume normalisation of ``x (B, C, T)``: ``(x / scale, scale (B, 1))`` with ``scale`` the RMS of
+    the channel mean plus 1e-8."""
+    mono = x.mean(dim=1, keepdim=True)
+    scale = 1e-8 + mono.pow(2).mean(dim=2, keepdim=True).sqrt()
+    return x / scale, scale.view(-1, 1)
+
+
 class EncodecModel(nn.Module):
     """EnCodec on raw waveforms ``(batch, channels, samples)``.
 
@@ -221,14 +229,9 @@ class EncodecModel(nn.Module):
         return [self._encode_frame(x[:, :, off:off + segment_length]) for off in range(0, length, stride)]
 
     def _encode_frame(self, x: torch.Tensor) -> EncodedFrame:
+        scale = None
         if self.normalize:
-            mono = x.mean(dim=1, keepdim=True)
-            volume = mono.pow(2).mean(dim=2, keepdim=True).sqrt()
-            scale = 1e-8 + volume
-            x = x / scale
-            scale = scale.view(-1, 1)
-        else:
-            scale = None
+            x, scale = normalize_volume(x)
         emb = self.encoder(x)
         codes = self.quantizer.encode(emb)
         return codes, scale
