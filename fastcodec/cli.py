@@ -175,6 +175,10 @@ def _info(args) -> int:
         why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         print(f"CUDA: not available ({why})")
     print(f"build cache: {_build.cache_root()}")
+    from . import precision
+    for dev in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
+        st = precision.status(dev)
+        print(f"precision='bf16' on {dev}: {st['mode']}: {st['reason']}")
     if _triton_line():
         print(_triton_line())
     rc = 0

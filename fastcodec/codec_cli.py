@@ -14,6 +14,8 @@ import typing as tp
 
 import torch
 
+from .precision import PRECISIONS
+
 PRESETS = ("24khz", "48khz", "32khz")
 NO_NETWORK = ("pretrained weights are not downloaded (fastcodec never uses the network): pass --model PATH "
               "(an encodec .th, an audiocraft checkpoint or a Hugging Face folder)")
@@ -74,6 +76,9 @@ def add_parsers(sub, device_type) -> None:
         if bandwidth:
             p.add_argument("--bandwidth", type=float, default=6.0, help="kbps (default 6)")
         p.add_argument("--device", default="cpu", type=device_type, help="cpu (default) or cuda[:N]")
+        p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                       help="SEANet compute precision: float32 (default, exact) or bf16 (bf16 operands, float32 "
+                            "accumulation; docs/bf16.md)")
 
     e = sub.add_parser("encode", help="audio file -> .ecdc (encodec 0.1.1's format)")
     e.add_argument("input")
@@ -97,9 +102,15 @@ def add_parsers(sub, device_type) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _with_precision(model, args):
+    if args.precision != "float32":
+        model.precision = args.precision
+    return model
+
+
 def _load_model(args):
     model = resolve_model(args.model, args.random_weights)
-    return model.to(args.device)
+    return _with_precision(model, args).to(args.device)
 
 
 def encode(args) -> int:
@@ -227,7 +238,8 @@ def tokenize(args, model=None) -> int:
         barrier = dist.barrier
     try:
         sources = list_sources(args.source)
-        model = (model if model is not None else resolve_model(args.model, args.random_weights)).to(device)
+        model = (model if model is not None else resolve_model(args.model, args.random_weights))
+        model = _with_precision(model, args).to(device)
         tok = Tokenizer(model, args.output, args.bandwidth, model_spec=args.model,
                         batch_seconds=args.batch_seconds, long_seconds=args.long_seconds, device=device,
                         rank=rank, world_size=world, barrier=barrier, progress=not args.quiet)

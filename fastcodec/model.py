@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from .precision import check_precision
 from .quantization import ResidualVectorQuantizer
 from .reference.model import EncodecModel as _ReferenceEncodecModel
 from .seanet import SEANetDecoder, SEANetEncoder
@@ -28,8 +29,40 @@ class EncodecModel(CodecStreamingMixin, _ReferenceEncodecModel):
     reads any local checkpoint or Hugging Face folder.
     """
 
+    def __init__(self, *args, precision: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if precision is not None:
+            self.precision = precision
+
+    @property
+    def precision(self) -> str:
+        """The encoder's and decoder's compute precision: "float32" (default, exact) or "bf16" (bf16 operands,
+        float32 accumulation; ``fastcodec.precision``). Settable; the quantizer's search stays exact."""
+        precisions = {getattr(m, "precision", "float32") for m in (self.encoder, self.decoder)}
+        return precisions.pop() if len(precisions) == 1 else "mixed"
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        check_precision(value)
+        for name in ("encoder", "decoder"):
+            m = getattr(self, name)
+            if not hasattr(type(m), "precision"):
+                raise TypeError(f"precision={value!r}: the {name} ({type(m).__name__}) is not a fastcodec SEANet, "
+                                "which is what computes in bf16")
+        self.encoder.precision = self.decoder.precision = value
+
     @classmethod
     def _preset(cls, name: str, pretrained: bool, repository, module_classes) -> "EncodecModel":
+        precision = module_classes.pop("precision", None)
+        if precision is not None:
+            check_precision(precision)
+        model = cls._preset_float32(name, pretrained, repository, module_classes)
+        if precision is not None:
+            model.precision = precision
+        return model
+
+    @classmethod
+    def _preset_float32(cls, name: str, pretrained: bool, repository, module_classes) -> "EncodecModel":
         build = getattr(super(), name)
         if not pretrained:
             if repository is not None:
@@ -60,5 +93,11 @@ class EncodecModel(CodecStreamingMixin, _ReferenceEncodecModel):
         return cls._preset("encodec_model_48khz", pretrained, repository, module_classes)
 
     @classmethod
-    def from_pretrained(cls, path, config=None, **module_classes) -> "EncodecModel":
-        return super().from_pretrained(path, config=config, **{**_FAST, **module_classes})
+    def from_pretrained(cls, path, config=None, precision: str | None = None, **module_classes) -> "EncodecModel":
+        """Any local checkpoint or Hugging Face folder (``fastcodec.pretrained``); ``precision``: as the property."""
+        if precision is not None:
+            check_precision(precision)
+        model = super().from_pretrained(path, config=config, **{**_FAST, **module_classes})
+        if precision is not None:
+            model.precision = precision
+        return model

@@ -17,8 +17,10 @@ import warnings
 import torch
 
 from . import _backend, _hooks, _pool
+from . import precision as _precision
+from .precision import check_precision
 from .reference import seanet as ref_seanet
-from .steps import compile_plan
+from .steps import compile_plan, set_precision
 from .streaming import StreamingMixin
 
 
@@ -28,9 +30,21 @@ _warned_dtypes: set = set()
 
 
 class _FastSEANet:
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, precision: str = "float32", **kwargs):
         super().__init__(*args, **kwargs)
+        self.__dict__["_precision"] = check_precision(precision)
         self._fast_plan()  # built eagerly: a plan built inside torch.compile would trace nn.LSTM
+
+    @property
+    def precision(self) -> str:
+        """"float32" (default, exact) or "bf16": bf16 operands, float32 accumulation (``fastcodec.precision``).
+        Settable; a stream state made at one precision is refused at the other."""
+        return self.__dict__.get("_precision", "float32")
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self.__dict__["_precision"] = check_precision(value)
+        set_precision(self._fast_plan(), value)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
@@ -42,13 +56,16 @@ class _FastSEANet:
     def _fast_plan(self) -> list:
         plan = self.__dict__.get("_plan")
         if plan is None:
-            plan = compile_plan(self.model)
+            plan = compile_plan(self.model, self.precision)
             self.__dict__["_plan"] = plan
         return plan
 
     def _use_reference(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling():
             return False
+        if self.precision == "bf16":
+            self._check_bf16(x)
+            return False  # the plan's steps round the operands; the ops pick the backend (reference included)
         if _backend.choose("conv", x.device) == "reference" or _hooks.has_inner_hooks(self):
             return True
         if x.dtype != torch.float32:
@@ -58,6 +75,17 @@ class _FastSEANet:
                               "reference code", RuntimeWarning, stacklevel=4)
             return True
         return False
+
+    def _check_bf16(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"{type(self).__name__}: precision='bf16' takes float32 input (bf16 operands, float32 "
+                            f"accumulation and activations), got {got}; use precision='float32' for other dtypes")
+        if _hooks.has_inner_hooks(self):
+            raise RuntimeError(f"{type(self).__name__}: precision='bf16' runs the plan's steps, which never call the "
+                               "hooks on inner modules (or global module hooks); remove them, or use "
+                               "precision='float32', where they fire as in audiocraft")
+        _precision.warn_emulated(x.device)
 
     def _activation_pool(self, x: torch.Tensor) -> _pool.ActivationPool | None:
         """The module's pool of layer outputs (fastcodec/_pool.py) for CPU float32 inference, else None."""
@@ -73,7 +101,7 @@ class _FastSEANet:
         return pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_reference(x) if isinstance(x, torch.Tensor) else True:
+        if self._use_reference(x) if isinstance(x, torch.Tensor) or self.precision == "bf16" else True:
             return super().forward(x)
         self._check(x)
         with _pool.active(self._activation_pool(x)) as pool:

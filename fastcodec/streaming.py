@@ -120,8 +120,13 @@ class StreamPlan:
         if not self.in_channels:
             raise NotStreamableError(f"{type(module).__name__} has no conv or LSTM to stream")
         self.out_channels = self.steps[-1].out_channels or self.in_channels
-        self.signature = f"{type(module).__name__}:" + ";".join(s.describe() for s in self.steps)
+        self._signature = f"{type(module).__name__}:" + ";".join(s.describe() for s in self.steps)
         self.hop, self.upsample = _rates(self.steps)
+
+    @property
+    def signature(self) -> str:
+        """Ties a state to this plan at its current precision (a bf16 state is refused by a float32 module)."""
+        return self._signature + (";bf16" if self.steps[0].bf16 else "")
 
     def new_state(self, batch_size: int, like: torch.Tensor, chunk_size: int) -> StreamState:
         slots: list = []
@@ -202,6 +207,10 @@ def _check_state(plan: StreamPlan, state, what: str) -> None:
     if not isinstance(state, StreamState):
         raise TypeError(f"{what}: state must be a StreamState (from stream_state), got {type(state).__name__}")
     if state.signature != plan.signature:
+        mine, theirs = plan.signature.endswith(";bf16"), state.signature.endswith(";bf16")
+        if mine != theirs and state.signature.removesuffix(";bf16") == plan.signature.removesuffix(";bf16"):
+            raise ValueError(f"{what}: this state was made at precision {'bf16' if theirs else 'float32'!r}, and the "
+                             f"module now computes at {'bf16' if mine else 'float32'!r}: start a new stream")
         raise ValueError(f"{what}: this state was made for another module (its plan differs)")
     if state.finished:
         raise ValueError(f"{what}: this stream was flushed; start a new one with stream_state")

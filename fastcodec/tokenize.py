@@ -178,8 +178,8 @@ class Tokenizer:
         return {"format": FORMAT_VERSION, "model": m.name, "model_spec": self.spec, "sample_rate": m.sample_rate,
                 "channels": m.channels, "frame_rate": m.frame_rate, "bandwidth": m.bandwidth,
                 "n_q": m.quantizer.num_codebooks, "bins": m.quantizer.bins, "codes_dtype": "int16",
-                "segment": m.segment, "layout": "npz: codes (K, T), frame_lengths, scales" if self.segmented
-                else "npy: codes (K, T)"}
+                "segment": m.segment, "precision": getattr(m, "precision", "float32"),
+                "layout": "npz: codes (K, T), frame_lengths, scales" if self.segmented else "npy: codes (K, T)"}
 
     def _prepare_out(self) -> None:
         os.makedirs(os.path.join(self.out, "codes"), exist_ok=True)
@@ -187,6 +187,7 @@ class Tokenizer:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 old = json.load(f)
+            old.setdefault("precision", "float32")  # folders written before the precision option
             diff = {k: (old.get(k), v) for k, v in info.items() if k != "model_spec" and old.get(k) != v}
             if diff:
                 raise TokenizeError(f"{self.out} holds codes made with other settings ({diff}): use another "

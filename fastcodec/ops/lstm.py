@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import _backend, _build, _cache
+from ..precision import round_bf16
 from .conv import _check_tensor, _describe
 
 EXTENSION = "lstm_cpu"
@@ -143,6 +144,12 @@ class PackedLSTMWeights:
         self.hidden_size = lstm.hidden_size
         self.memo = _cache.Memo()
         self.memo_t = _cache.Memo()
+        self.bf16 = False  # precision="bf16": the weight matrices rounded to bf16 (biases stay float32)
+
+    def set_bf16(self, on: bool) -> None:
+        if bool(on) != self.bf16:
+            self.bf16 = bool(on)
+            self.memo, self.memo_t = _cache.Memo(), _cache.Memo()
 
     def flat(self) -> list[torch.Tensor]:
         """The current parameters in ``nn.LSTM._flat_weights`` order."""
@@ -150,19 +157,28 @@ class PackedLSTMWeights:
 
     def get(self) -> list[torch.Tensor]:
         ts = tuple(self.params[n] for n in self.names)
+        bf16 = self.bf16
 
         def make():
             check_weights(ts, self.num_layers)
             with torch.inference_mode(False), torch.no_grad():
-                return extension().pack([t.detach() for t in ts], self.num_layers)
+                return extension().pack(_operands([t.detach() for t in ts], bf16), self.num_layers)
 
-        return self.memo.get(_packed_cache, ts, make, ("lstm", self.num_layers))
+        return self.memo.get(_packed_cache, ts, make, ("lstm", self.num_layers, bf16))
 
     def transposed(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per layer (W_ih^T, W_hh^T, b_ih + b_hh), contiguous: MKL reads a 1 x 512 x 2048 GEMV 1.8x faster in
         this (K, 4H) layout than as (4H, K)."""
         ts = self.flat()
-        return self.memo_t.get(_transposed_cache, ts, lambda: _transpose(ts))
+        bf16 = self.bf16
+        return self.memo_t.get(_transposed_cache, ts, lambda: _transpose(_operands(ts, bf16)), (bf16,))
+
+
+def _operands(ts, bf16: bool) -> list:
+    """The flat weights as they multiply: with ``bf16``, W_ih and W_hh rounded to bf16 (biases are added)."""
+    if not bf16:
+        return list(ts)
+    return [round_bf16(t) if i % 4 < 2 else t for i, t in enumerate(ts)]
 
 
 def _transpose(ts):

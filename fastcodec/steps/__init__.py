@@ -23,6 +23,7 @@ import typing as tp
 
 from torch import nn
 
+from ..precision import check_precision
 from ..reference.conv import StreamableConv1d, StreamableConvTranspose1d
 from ..reference.lstm import StreamableLSTM
 from ..reference.seanet import SEANetResnetBlock
@@ -91,9 +92,19 @@ def build_sequence(seq: nn.Sequential, path: str, channels: int) -> list[Step]:
     return steps
 
 
-def compile_plan(model: nn.Sequential) -> list[Step]:
-    """The steps of a SEANet ``model`` Sequential (activations fused into the next conv)."""
-    return build_sequence(model, "model", 0)
+def compile_plan(model: nn.Sequential, precision: str = "float32") -> list[Step]:
+    """The steps of a SEANet ``model`` Sequential (activations fused into the next conv), computing at
+    ``precision`` (``fastcodec.precision``)."""
+    plan = build_sequence(model, "model", 0)
+    set_precision(plan, precision)
+    return plan
+
+
+def set_precision(steps: list[Step], precision: str) -> None:
+    """Switch a plan's conv, transposed-conv and LSTM steps to ``precision`` ("float32" or "bf16")."""
+    on = check_precision(precision) == "bf16"
+    for s in steps:
+        s.set_bf16(on)
 
 
 def stream_check(steps: list[Step]) -> None:

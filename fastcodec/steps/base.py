@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _cache
+from ..precision import round_bf16
+
 
 class NotStreamableError(ValueError):
     """The module cannot be streamed exactly; the message names the sub-module and the reason."""
@@ -27,6 +30,22 @@ class _Slot:
 
     def copy(self, fn=lambda t: t.clone()) -> "_Slot":
         return _Slot(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
+
+
+_BF16 = _cache.TensorCache()
+
+
+def bf16_of(w: torch.Tensor) -> torch.Tensor:
+    """A weight rounded to bf16 (``precision.round_bf16``): per call when autograd needs it or inside
+    ``torch.compile``, else once per change of ``w`` (the one cache rule)."""
+    if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+        return round_bf16(w)
+
+    def make():
+        with torch.no_grad(), torch.inference_mode(False):
+            return round_bf16(w.detach())
+
+    return _BF16.get((w,), make, ("bf16",))
 
 
 def _tm(t: torch.Tensor) -> torch.Tensor:
@@ -108,6 +127,11 @@ class Step:
     in_channels = 0
     out_channels = 0
     path = ""
+    bf16 = False  # precision="bf16": the GEMM operands rounded to bf16 (fastcodec/precision.py)
+
+    def set_bf16(self, on: bool) -> None:
+        """Switch this step between float32 and bf16 operands (``fastcodec.steps.set_precision``)."""
+        self.bf16 = bool(on)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)

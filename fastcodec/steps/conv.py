@@ -20,8 +20,9 @@ from torch import nn
 from .. import _cache
 from ..ops import conv as conv_ops
 from ..ops import stream as stream_ops
+from ..precision import round_bf16
 from ..reference.conv import StreamableConv1d, pad1d
-from .base import NotStreamableError, Step, _out_view, _pointwise_into, _Slot, _time_major, _tm
+from .base import NotStreamableError, Step, _out_view, _pointwise_into, _Slot, _time_major, _tm, bf16_of
 
 
 # Reductions longer than this are split into blocks of this many terms: MKL's float32 GEMV over K = 4096
@@ -118,7 +119,7 @@ class ConvWeight:
     layout. Folded once (``fastcodec.ops.conv.weight_norm_weight``, bitwise the module's own ``.weight``) and
     packed once per change, under the one cache rule (``fastcodec._cache``), with per-stream memos in front."""
 
-    __slots__ = ("conv", "params", "pack", "memo", "panel_memo", "panel_of")
+    __slots__ = ("conv", "params", "pack", "memo", "panel_memo", "panel_of", "bf16")
 
     def __init__(self, conv: nn.Module, pack: tp.Callable[[torch.Tensor], torch.Tensor]):
         self.conv = conv
@@ -127,9 +128,16 @@ class ConvWeight:
         self.memo = _cache.Memo()
         self.panel_memo = _cache.Memo()
         self.panel_of: tuple | None = None  # (packed, panels): panels of that private packed tensor
+        self.bf16 = False  # every mode reads the weight rounded to bf16 (precision="bf16")
+
+    def set_bf16(self, on: bool) -> None:
+        if bool(on) != self.bf16:
+            self.bf16 = bool(on)
+            self.memo, self.panel_memo, self.panel_of = _cache.Memo(), _cache.Memo(), None
 
     def offline(self) -> torch.Tensor:
-        return _weight(self.conv)
+        w = _weight(self.conv)
+        return bf16_of(w) if self.bf16 else w
 
     def _sources(self) -> tuple:
         params = self.params
@@ -137,9 +145,13 @@ class ConvWeight:
         return (params["weight"],) if v is None else (v, params["weight_g"])
 
     def _make(self, src: tuple):
+        bf16 = self.bf16
+
         def make():
             with torch.no_grad(), torch.inference_mode(False):
                 w = src[0].detach().clone() if len(src) == 1 else conv_ops.weight_norm_weight(src[0], src[1])
+                if bf16:
+                    w = round_bf16(w)
                 return (w, self.pack(w))
 
         return make
@@ -147,7 +159,7 @@ class ConvWeight:
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (weight, packed weight)."""
         src = self._sources()
-        return self.memo.get(_PACKED, src, self._make(src), (self.pack,))
+        return self.memo.get(_PACKED, src, self._make(src), (self.pack, self.bf16))
 
     def panels(self) -> torch.Tensor:
         """The packed weight (K, N) = ``pack(w)`` as (N, K) transposed, in ``stream_ops.pack_panels``' layout."""
@@ -205,15 +217,31 @@ class ConvStep(Step):
         """audiocraft's (left, right) padding for an input of ``length`` samples (``streamable_padding``)."""
         return conv_ops.streamable_padding(length, self.kernel_size, self.stride, self.dilation, self.causal)
 
+    def set_bf16(self, on: bool) -> None:
+        self.bf16 = bool(on)
+        self.weight.set_bf16(on)
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """precision="bf16": the conv's input as it multiplies, activated then rounded to bf16 (padding copies
+        or adds zeros, so the padded input is rounded too)."""
+        if self.act is not None:
+            x = self.act(x)
+        elif self.alpha is not None:
+            x = F.elu(x, self.alpha)
+        return round_bf16(x)
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.groups != 1:
             raise NotImplementedError("grouped convs are not part of SEANet")
-        if self.act is not None:
+        alpha = self.alpha
+        if self.bf16:
+            x, alpha = self.operand(x), None
+        elif self.act is not None:
             x = self.act(x)
         left, right = self.padding(x.shape[-1])
         fused_skip = skip if self.fuse_skip else None
-        y = conv_ops.conv1d(x, _weight(self.conv), self.conv.bias, fused_skip, self.stride, self.dilation,
-                            left, right, self.pad_mode, self.alpha)
+        y = conv_ops.conv1d(x, self.weight.offline(), self.conv.bias, fused_skip, self.stride, self.dilation,
+                            left, right, self.pad_mode, alpha)
         y = self.norm(y)
         if skip is not None and fused_skip is None:
             y = y + skip
@@ -283,7 +311,7 @@ class ConvStep(Step):
         st.n = padded.shape[-1]
         st.warm = True
 
-    def _push_fast(self, x, slots, st):
+    def _push_fast(self, x, slots, st, alpha):
         """One ``fastcodec::conv1d_update``: the chunk through the ELU into the buffer, the frames it completes into
         the step's reused output buffer."""
         T = x.shape[-1]
@@ -296,7 +324,7 @@ class ConvStep(Step):
         frames = (total - self.span) // self.stride + 1 if total >= self.span else 0
         out = _out_view(slots, self.idx, x, self.out_channels, frames) if frames else None
         start = stream_ops.conv1d_update(x, st.buf, self.weight.panels(), self.conv_params["bias"], st.start, n,
-                                         frames, self.kernel_size, self.stride, self.dilation, self.stream_alpha, out)
+                                         frames, self.kernel_size, self.stride, self.dilation, alpha, out)
         consumed = frames * self.stride
         st.start = start + consumed
         st.n = total - consumed
@@ -306,18 +334,21 @@ class ConvStep(Step):
 
     def push(self, x, slots):
         st = slots[self.idx]
+        act_into, alpha = self.act_into, self.stream_alpha
+        if self.bf16:
+            x, act_into, alpha = self.operand(x), None, None
         if slots.kernels and st.warm and self.fast and self.conv_step is conv1d_step:
-            return self._push_fast(x, slots, st)
+            return self._push_fast(x, slots, st, alpha)
         T = x.shape[-1]
         end = st.start + st.n
         if end + T > st.buf.shape[-1]:
             self._reserve(st, T)
             end = st.start + st.n
         dst = st.buf[:, :, end:end + T]
-        if self.act_into is None:
+        if act_into is None:
             dst.copy_(x)
         else:
-            self.act_into(x, dst)
+            act_into(x, dst)
         st.n += T
         st.total += T
         if not st.warm:

@@ -10,13 +10,15 @@ the kernels run, else one GEMM overlap-added with stride (``conv_transpose1d_ste
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import conv as conv_ops
 from ..ops import stream as stream_ops
+from ..precision import round_bf16
 from ..reference.conv import StreamableConvTranspose1d
 from .base import NotStreamableError, Step, _out_view, _pointwise, _Slot, _time_major, _tm
-from .conv import ConvWeight, _weight, conv_transpose1d_step, elu_alpha
+from .conv import ConvWeight, conv_transpose1d_step, elu_alpha
 
 
 class ConvTrStep(Step):
@@ -44,17 +46,32 @@ class ConvTrStep(Step):
         self.fast = self.groups == 1 and (act is None or type(act) is nn.ELU)
         self.stream_alpha = float(act.alpha) if type(act) is nn.ELU else None
 
+    def set_bf16(self, on: bool) -> None:
+        self.bf16 = bool(on)
+        self.weight.set_bf16(on)
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """precision="bf16": the input as it multiplies, activated then rounded to bf16."""
+        if self.act is not None:
+            x = self.act(x)
+        elif self.alpha is not None:
+            x = F.elu(x, self.alpha)
+        return round_bf16(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         convtr = self.convtr
         if self.groups != 1 or convtr.dilation[0] != 1 or convtr.output_padding[0] != 0:
             raise NotImplementedError("SEANet's transposed convs have groups 1, dilation 1, no output_padding")
-        if self.act is not None:
+        alpha = self.alpha
+        if self.bf16:
+            x, alpha = self.operand(x), None
+        elif self.act is not None:
             x = self.act(x)
+        w = self.weight.offline()
         if isinstance(self.norm, nn.Identity):
-            return conv_ops.conv_transpose1d(x, _weight(convtr), convtr.bias, self.stride, self.trim[0], self.trim[1],
-                                             self.alpha)
+            return conv_ops.conv_transpose1d(x, w, convtr.bias, self.stride, self.trim[0], self.trim[1], alpha)
         # audiocraft normalises before trimming (time_group_norm statistics include the trimmed edges)
-        y = self.norm(conv_ops.conv_transpose1d(x, _weight(convtr), convtr.bias, self.stride, 0, 0, self.alpha))
+        y = self.norm(conv_ops.conv_transpose1d(x, w, convtr.bias, self.stride, 0, 0, alpha))
         return y[..., self.trim[0]: y.shape[-1] - self.trim[1]]
 
     def stream_check(self) -> None:
@@ -86,17 +103,20 @@ class ConvTrStep(Step):
     def push(self, x, slots):
         st = slots[self.idx]
         T = x.shape[-1]
+        act_fn, alpha = self.act_fn, self.stream_alpha
+        if self.bf16:
+            x, act_fn, alpha = self.operand(x), None, None
         # past the left trim (none in the 24 kHz model) every input frame completes `stride` outputs
         if slots.kernels and not st.skip and self.fast and self.conv_step is conv_transpose1d_step:
             if self.overlap > 1 and st.pending.stride(2) != self.out_channels:
                 st.pending = _tm(_tm(st.pending).contiguous())
             out = _out_view(slots, self.idx, x, self.out_channels, T * self.stride)
             stream_ops.conv_transpose1d_update(x, self.weight.panels(), self.conv_params["bias"], st.pending, 0,
-                                               self.kernel_size, self.stride, self.stream_alpha, out)
+                                               self.kernel_size, self.stride, alpha, out)
             st.total += T
             return out
-        if self.act_fn is not None:
-            x = self.act_fn(x)
+        if act_fn is not None:
+            x = act_fn(x)
         w, packed = self.weight.get()
         y = self.conv_step(x, w, self.stride, self.groups, packed)
         ov, done = self.overlap, T * self.stride

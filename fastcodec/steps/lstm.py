@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from ..ops import lstm as lstm_ops
+from ..precision import round_bf16
 from ..reference.lstm import StreamableLSTM
-from .base import NotStreamableError, Step, _Slot
+from .base import NotStreamableError, Step, _Slot, bf16_of
 
 
 class LSTMStep(Step):
@@ -25,11 +26,23 @@ class LSTMStep(Step):
         self.in_channels, self.out_channels = lstm.input_size, lstm.hidden_size
         self.weights = lstm_ops.PackedLSTMWeights(lstm) if self.reason is None else None
 
+    def set_bf16(self, on: bool) -> None:
+        """precision="bf16": the input and the weight matrices rounded to bf16; biases, the hidden and cell
+        state (and what a layer passes to the next) stay float32."""
+        self.bf16 = bool(on)
+        if self.weights is not None:
+            self.weights.set_bf16(on)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reason is not None:
             raise NotImplementedError(self.reason)
         xt = x.permute(2, 0, 1)
-        y = lstm_ops.lstm_op(xt.contiguous(), [self.params[n] for n in self.names], self.num_layers)
+        weights = [self.params[n] for n in self.names]
+        xin = xt
+        if self.bf16:
+            xin = round_bf16(xt)
+            weights = [bf16_of(w) if i % 4 < 2 else w for i, w in enumerate(weights)]
+        y = lstm_ops.lstm_op(xin.contiguous(), weights, self.num_layers)
         if self.skip:
             y = y + xt
         return y.permute(1, 2, 0)
@@ -51,6 +64,8 @@ class LSTMStep(Step):
         st = slots[self.idx]
         T = x.shape[-1]
         xt = x.permute(2, 0, 1)  # (T, B, C): unit stride along C from a time-major step output
+        if self.bf16:
+            xt = round_bf16(xt)  # the skip below adds the float32 x
         if not slots.fused_lstm:
             y = lstm_ops.lstm_step(xt, self.weights, st.h.transpose(0, 1), st.c.transpose(0, 1), None, False)
             y = y.permute(1, 2, 0)  # fresh: the last layer's h (also copied into the state)

@@ -43,8 +43,14 @@ class ResStep(Step):
                          and s1.span == 1 and (self.shortcut is None or self.shortcut.span == 1)
                          and s0.module.pad_mode in conv_ops._PAD_CODE)
 
+    def set_bf16(self, on: bool) -> None:
+        self.bf16 = bool(on)
+        for s in self.block + self.shortcut_steps:
+            s.set_bf16(on)
+
     def _can_tile(self, x: torch.Tensor) -> bool:
-        if not self.tileable or torch.compiler.is_compiling() or x.shape[-1] < _RES_FUSED_MIN:
+        # bf16: the block's inner activation is rounded between its convs, which the fused block keeps in registers
+        if not self.tileable or self.bf16 or torch.compiler.is_compiling() or x.shape[-1] < _RES_FUSED_MIN:
             return False
         if x.device.type != "cpu" or x.dtype != torch.float32 or _backend.choose("conv", x.device) != "cpp":
             return False
