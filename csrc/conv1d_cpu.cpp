@@ -7,6 +7,13 @@
 // tap reads consecutive floats, with the padding and the ELU applied while packing. A register
 // micro-kernel then computes MR output channels x NR frames, summing r = ci*kernel + k in chunks of
 // KC terms in a fixed order: every output sees the same sums whatever the tiling or the thread count.
+//
+// Why a second conv kernel exists (stream_cpu.cpp): this one vectorises along time, which needs tens of frames
+// per call; a streamed chunk gives the deep layers 1-8 frames, where this tiling fills 1 of 16 lanes and
+// broadcasts every weight as a scalar. stream_cpu.cpp tiles the other way (frames as GEMM rows, vectors along
+// output channels). The two sum each output in different orders, so neither can replace the other without
+// changing the bits of one path; bench/kernel_tilings.py times each kernel at the other's shapes
+// (bench/results/kernel-tilings-cpu-*.json). What they share is in conv_common.h.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -18,26 +25,29 @@
 #include <vector>
 
 #include "conv1d_params.h"
+#include "conv_common.h"
 #include "elu_cpu.h"
 #include "vf16.h"  // FC_AVX512 / FC_AVX2 and their intrinsics
 
 namespace {
 
+using fc_conv::ceil_div;
+using fc_conv::KC;
+using fc_conv::VL;
 using fc_elu::elu_inplace;
 
 constexpr int MR = 6;        // output channels per micro-tile: 6 x 4 zmm accumulators + 4 inputs + 1 weight <= 32 registers
-constexpr int VL = 16;       // floats per 512-bit vector
 constexpr int NV = 4;        // vectors along time per micro-tile
 constexpr int NR = NV * VL;  // 64 frames per micro-tile
-// Reduction chunk: sums of 64 terms added chunk by chunk keep the float32 error near oneDNN's
-// (one running sum over c_in*kernel terms, up to 2080 in the tests, measured up to 13x torch's error).
-constexpr int64_t KC = 64;
 // Packed input per time tile: about 160 KiB keeps it in a 1-2 MiB L2 beside the weights it meets.
 constexpr int64_t kPackBudgetFloats = 40 * 1024;
 constexpr int64_t kMaxTile = 32 * NR;
 
-inline int64_t ceil_div(int64_t a, int64_t b) {  // b > 0, a of any sign
-  return a >= 0 ? (a + b - 1) / b : -((-a) / b);
+// Shrink a tile of tt frames (a multiple of NR) by whole micro-tiles until the batch x t frames give at least
+// ~4 tiles per thread, so both cores get even work (or tt is one micro-tile).
+int64_t shrink_for_threads(int64_t tt, int64_t batch, int64_t t, int64_t nthreads) {
+  while (tt > NR && batch * ceil_div(t, tt) < 4 * nthreads) tt -= NR;
+  return tt;
 }
 
 // Everything about one call that does not depend on the tile.
@@ -80,9 +90,7 @@ Plan make_plan(const FcConv1dParams& p, int64_t fixed_tt = 0) {
     const int64_t per_frame = std::max<int64_t>(1, p.c_in * pl.nslot);
     tt = (kPackBudgetFloats / per_frame) / NR * NR;
     tt = std::min(std::max<int64_t>(tt, NR), kMaxTile);
-    // keep at least ~4 tiles per thread when the signal allows, so both cores get even work
-    const int64_t want = 4 * (int64_t)at::get_num_threads();
-    while (tt > NR && p.batch * ceil_div(p.t_out, tt) < want) tt -= NR;
+    tt = shrink_for_threads(tt, p.batch, p.t_out, at::get_num_threads());
   }
   pl.tt = tt;
   // the micro-kernel loads whole vectors: a tile's last one reaches round_up(n, VL) + max_off
@@ -227,9 +235,9 @@ void micro(const float* __restrict x, const int64_t* __restrict xoff, const floa
 #elif FC_AVX2
   // 16 ymm registers: R x 16 frames at a time (12 accumulators, 2 inputs, 1 weight), the NVEC vectors one after
   // the other over the same chunk of weights (KC x MR floats, in L1); every lane sums the same fma chain.
-  // Zen 2, 1 thread: 32->16 k3 T240000 46 ms (portable loops 174, oneDNN 130); the deep layers stay at 0.85-0.95x
-  // oneDNN (256->512 k8 s4 T6000: 116 vs 99 ms), where re-reading the packed tile for each 6-channel block is
-  // bound by the L2; the 24 kHz SEANet encoder B1 10 s: 1.23 s against 3.19 s (portable) and 1.73 s (reference).
+  // Faster than the portable loops and oneDNN on the shallow layers; the deep ones stay a little behind oneDNN,
+  // where re-reading the packed tile for each 6-channel block is bound by the L2
+  // (measured: bench/results/design-measurements.md).
   for (int v = 0; v < NVEC; ++v) {
     __m256 acc[R][2];
 #pragma GCC unroll 8
@@ -413,9 +421,13 @@ void run_plan(const Plan& pl, const float* wpack, const PhaseOut* po = nullptr) 
   });
 }
 
-void check_f32_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fastcodec conv1d: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastcodec conv1d: ", name, " must be float32, got ", t.scalar_type());
+void check_f32_cpu(const at::Tensor& t, const char* name) { fc_conv::check_f32_cpu(t, "fastcodec conv1d", name); }
+
+// The bias, checked, as a contiguous tensor (undefined when absent).
+at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, const char* op, const char* name, int64_t n) {
+  if (!bias.has_value()) return at::Tensor();
+  fc_conv::check_bias(*bias, op, name, n);
+  return bias->contiguous();
 }
 
 }  // namespace
@@ -450,7 +462,7 @@ void conv1d(const at::Tensor& x, const at::Tensor& wpack, const c10::optional<at
   TORCH_CHECK(c_out > 0 && kernel > 0 && stride > 0 && dilation > 0,
               "fastcodec conv1d: c_out, kernel, stride, dilation must be >= 1");
   TORCH_CHECK(pad_left >= 0 && pad_right >= 0, "fastcodec conv1d: paddings must be >= 0");
-  TORCH_CHECK(pad_mode == FC_PAD_CONSTANT || pad_mode == FC_PAD_REFLECT, "fastcodec conv1d: bad pad_mode ", pad_mode);
+  TORCH_CHECK(fc_pad_mode_valid(pad_mode), "fastcodec conv1d: bad pad_mode ", pad_mode);
   TORCH_CHECK(wpack.is_contiguous() && wpack.dim() == 3 && wpack.size(0) == ceil_div(c_out, MR) &&
                   wpack.size(1) == c_in * kernel && wpack.size(2) == MR,
               "fastcodec conv1d: packed weight has shape ", wpack.sizes(), ", expected (", ceil_div(c_out, MR), ", ",
@@ -458,13 +470,8 @@ void conv1d(const at::Tensor& x, const at::Tensor& wpack, const c10::optional<at
   const int64_t span = (kernel - 1) * dilation + 1, padded = pad_left + t_in + pad_right;
   TORCH_CHECK(span <= padded, "fastcodec conv1d: kernel span ", span, " exceeds the padded input length ", padded);
   const int64_t t_out = (padded - span) / stride + 1;
-  at::Tensor b_t, s_t;
-  if (bias.has_value()) {
-    check_f32_cpu(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c_out, "fastcodec conv1d: bias must be (", c_out, ",), got ",
-                bias->sizes());
-    b_t = bias->contiguous();
-  }
+  const at::Tensor b_t = checked_bias(bias, "fastcodec conv1d", "bias", c_out);
+  at::Tensor s_t;
   if (skip.has_value()) {
     check_f32_cpu(*skip, "skip");
     TORCH_CHECK(skip->dim() == 3 && skip->size(0) == B && skip->size(1) == c_out && skip->size(2) == t_out,
@@ -502,9 +509,8 @@ constexpr int64_t kResBudgetFloats = 128 * 1024;
 // Frames per residual-block tile: the L2 budget over the floats a frame needs, in whole micro-tiles,
 // shrunk to keep >= 4 tiles per thread when the signal allows.
 int64_t res_tile(int64_t per_frame, int64_t batch, int64_t t, int64_t nthreads) {
-  int64_t tt = std::max<int64_t>(NR, kResBudgetFloats / std::max<int64_t>(1, per_frame) / NR * NR);
-  while (tt > NR && batch * ceil_div(t, tt) < 4 * nthreads) tt -= NR;
-  return tt;
+  const int64_t tt = std::max<int64_t>(NR, kResBudgetFloats / std::max<int64_t>(1, per_frame) / NR * NR);
+  return shrink_for_threads(tt, batch, t, nthreads);
 }
 
 void check_packed(const at::Tensor& w, const char* name, int64_t c_out, int64_t nred) {
@@ -513,14 +519,6 @@ void check_packed(const at::Tensor& w, const char* name, int64_t c_out, int64_t 
                   w.size(2) == MR,
               "fastcodec resblock: packed ", name, " has shape ", w.sizes(), ", expected contiguous (",
               ceil_div(c_out, MR), ", ", nred, ", ", MR, ")");
-}
-
-at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, const char* name, int64_t n) {
-  if (!bias.has_value()) return at::Tensor();
-  check_f32_cpu(*bias, name);
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fastcodec resblock: ", name, " must be (", n, ",), got ",
-              bias->sizes());
-  return bias->contiguous();
 }
 
 }  // namespace
@@ -552,16 +550,16 @@ void resblock(const at::Tensor& x, const at::Tensor& w0, const c10::optional<at:
   TORCH_CHECK(pad_left >= 0 && pad_right >= 0 && pad_left + pad_right == (kernel0 - 1) * dilation0,
               "fastcodec resblock: paddings (", pad_left, ", ", pad_right, ") must be >= 0 and sum to (kernel0 - 1) * "
               "dilation0 = ", (kernel0 - 1) * dilation0);
-  TORCH_CHECK(pad_mode == FC_PAD_CONSTANT || pad_mode == FC_PAD_REFLECT, "fastcodec resblock: bad pad_mode ",
-              pad_mode);
+  TORCH_CHECK(fc_pad_mode_valid(pad_mode), "fastcodec resblock: bad pad_mode ", pad_mode);
   TORCH_CHECK(wsc.has_value() || c_out == c_in, "fastcodec resblock: an identity shortcut needs c_out == c_in, got ",
               c_out, " and ", c_in);
   TORCH_CHECK(wsc.has_value() || !bsc.has_value(), "fastcodec resblock: a shortcut bias without a shortcut weight");
   check_packed(w0, "weight 0", c_hid, c_in * kernel0);
   check_packed(w1, "weight 1", c_out, c_hid);
   if (wsc.has_value()) check_packed(*wsc, "shortcut weight", c_out, c_in);
-  const at::Tensor b0_t = checked_bias(b0, "bias 0", c_hid), b1_t = checked_bias(b1, "bias 1", c_out);
-  const at::Tensor bsc_t = checked_bias(bsc, "shortcut bias", c_out);
+  const at::Tensor b0_t = checked_bias(b0, "fastcodec resblock", "bias 0", c_hid);
+  const at::Tensor b1_t = checked_bias(b1, "fastcodec resblock", "bias 1", c_out);
+  const at::Tensor bsc_t = checked_bias(bsc, "fastcodec resblock", "shortcut bias", c_out);
   const at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous();  // the identity shortcut is read by vectors
 
   FcConv1dParams p0{};
@@ -676,13 +674,7 @@ void conv_transpose1d(const at::Tensor& x, const at::Tensor& wpack, const c10::o
                   wpack.size(1) == c_in * M && wpack.size(2) == MR,
               "fastcodec conv_transpose1d: packed weight has shape ", wpack.sizes(), ", expected (",
               ceil_div(c_out * stride, MR), ", ", c_in * M, ", ", MR, ")");
-  at::Tensor b_t;
-  if (bias.has_value()) {
-    check_f32_cpu(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c_out, "fastcodec conv_transpose1d: bias must be (", c_out,
-                ",), got ", bias->sizes());
-    b_t = bias->contiguous();
-  }
+  const at::Tensor b_t = checked_bias(bias, "fastcodec conv_transpose1d", "bias", c_out);
   FcConv1dParams p{};
   p.x = x.data_ptr<float>();
   p.batch = B, p.c_in = c_in, p.c_out = c_out * stride, p.t_in = T, p.t_out = T + M - 1;
@@ -697,20 +689,11 @@ void conv_transpose1d(const at::Tensor& x, const at::Tensor& wpack, const c10::o
 }
 
 // Vectorised ELU alone, exposed so the tests can measure its error against float64.
-at::Tensor elu(const at::Tensor& x, double alpha) {
-  check_f32_cpu(x, "x");
-  at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc);
-  std::memcpy(out.data_ptr<float>(), xc.data_ptr<float>(), xc.numel() * sizeof(float));
-  elu_inplace(out.data_ptr<float>(), out.numel(), (float)alpha);
-  return out;
-}
+at::Tensor elu(const at::Tensor& x, double alpha) { return fc_conv::elu_copy(x, alpha, "fastcodec conv1d"); }
 
 int64_t block_rows() { return MR; }
 
 bool has_avx512() { return FC_AVX512; }
-
-std::string simd() { return FC_SIMD_NAME; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "pack a (c_out, c_in, kernel) weight for conv1d");
@@ -721,5 +704,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("elu", &elu, "vectorised ELU used inside conv1d");
   m.def("block_rows", &block_rows);
   m.def("has_avx512", &has_avx512);
-  m.def("simd", &simd, "which vector path was compiled: avx512, avx2 or portable");
+  m.def("simd", &fc_conv::simd, "which vector path was compiled: avx512, avx2 or portable");
 }

@@ -1,4 +1,4 @@
-// CUDA version of the fused dilated conv1d (formula in conv1d_params.h): padding (constant/reflect,
+// CUDA version of the fused dilated conv1d (formula in conv1d_params.h): padding (constant/reflect/replicate,
 // audiocraft's short-input rule), input ELU, bias and residual add in one kernel.
 //
 // No torch headers: the launcher is extern "C" on a FcConv1dParams (raw pointers, int64 sizes and

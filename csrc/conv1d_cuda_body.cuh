@@ -133,7 +133,7 @@ inline bool params_valid(const FcConv1dParams* p) {
   if (p->batch <= 0 || p->c_in <= 0 || p->c_out <= 0 || p->t_in <= 0 || p->t_out <= 0 || p->kernel <= 0 ||
       p->stride <= 0 || p->dilation <= 0 || p->pad_left < 0 || p->pad_right < 0)
     return false;
-  if (p->pad_mode != FC_PAD_CONSTANT && p->pad_mode != FC_PAD_REFLECT) return false;
+  if (!fc_pad_mode_valid(p->pad_mode)) return false;
   if (p->pad_mode == FC_PAD_REFLECT && p->reflect_len != fc_reflect_len(p->t_in, p->pad_left, p->pad_right))
     return false;
   const int64_t span = (p->kernel - 1) * p->dilation + 1;

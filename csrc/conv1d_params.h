@@ -3,7 +3,8 @@
 // with ctypes. Sizes and strides are int64 and in elements: 32-bit offsets overflow at B*C*T > 2^31.
 //
 // out[b, co, t] = bias[co] + sum_{ci, k} w[co, ci, k] * act(P[b, ci, t*stride + k*dilation]) (+ skip[b, co, t])
-// where P is x padded by (pad_left, pad_right) in constant (zeros) or reflect mode and act is ELU or identity.
+// where P is x padded by (pad_left, pad_right) in constant (zeros), reflect or replicate mode and act is ELU or
+// identity.
 #pragma once
 #include <stdint.h>
 
@@ -15,6 +16,7 @@
 
 #define FC_PAD_CONSTANT 0
 #define FC_PAD_REFLECT 1
+#define FC_PAD_REPLICATE 2
 
 typedef struct FcConv1dParams {
   const float* x;       // (batch, c_in, t_in), any strides
@@ -36,6 +38,10 @@ typedef struct FcConv1dParams {
   int32_t reserved;  // keeps the struct size a multiple of 8 on every ABI (checked from Python)
 } FcConv1dParams;
 
+static inline FC_HOST_DEVICE int fc_pad_mode_valid(int64_t pad_mode) {
+  return pad_mode == FC_PAD_CONSTANT || pad_mode == FC_PAD_REFLECT || pad_mode == FC_PAD_REPLICATE;
+}
+
 // Source sample of padded position i (0 <= i < pad_left + t_in + pad_right), or -1 where the padded
 // signal is zero (constant padding, or the zeros audiocraft appends before reflecting a short input).
 static inline FC_HOST_DEVICE int64_t fc_source_index(int64_t i, int64_t pad_left, int64_t t_in,
@@ -44,6 +50,9 @@ static inline FC_HOST_DEVICE int64_t fc_source_index(int64_t i, int64_t pad_left
   if (pad_mode == FC_PAD_REFLECT) {
     if (j < 0) j = -j;
     else if (j >= reflect_len) j = 2 * (reflect_len - 1) - j;
+  } else if (pad_mode == FC_PAD_REPLICATE) {
+    if (j < 0) j = 0;
+    else if (j >= t_in) j = t_in - 1;
   }
   return (j >= 0 && j < t_in) ? j : -1;
 }

@@ -127,8 +127,8 @@ inline void with_rows(int r, F&& f) {
 // AVX2: 16 ymm registers hold one row x 3 slices of 8 units x 4 gates (12 partial sums, the weights read as
 // fma operands) or 2 rows x 1 slice (8 partial sums, 4 weights, 2 broadcasts). The R x NU x 4 x 16 lanes
 // are cut into such tiles, each lane summed exactly as below: acc = init, then per KC chunk a partial
-// fma chain over k from zero, added to acc. Zen 2, 2 layers of 512, T750 B1, 1 thread: 286 ms against the
-// portable loops' 1137 ms and ATen's 273 ms (both read W_hh from memory at every step).
+// fma chain over k from zero, added to acc. About 4x the portable loops' speed and close to ATen's (both read
+// W_hh from memory at every step; measured: bench/results/design-measurements.md).
 // acc: the kernel's [R][nslices][NG] sums; this tile adds to rows r0.. of slices s0.. (slice s = unit block
 // s / 2, lanes 8 * (s % 2)..).
 template <int RS, int SS>

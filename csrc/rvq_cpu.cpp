@@ -32,8 +32,8 @@ namespace {
 
 using namespace fc_vf;       // VF and its operations; L = 16 floats per vector
 constexpr int MR = 8;        // codes per micro-kernel chunk
-constexpr int NR = 3;        // row vectors per panel: 24 accumulators; 8x3, 6x4, 12x2 all ran at 96-102 GFLOP/s
-                             // on one Zen 4 core (oneDNN 99-101), 14x2 spills registers (69)
+constexpr int NR = 3;        // row vectors per panel: 24 accumulators; 8x3, 6x4, 12x2 all ran at oneDNN's rate,
+                             // 14x2 spills registers (measured: bench/results/design-measurements.md)
 constexpr int RB = L * NR;   // rows per panel
 constexpr int64_t kTileBytes = 128 * 1024;  // residual tile per thread: stays in the 2 MiB L2 next to a codebook
 
@@ -247,7 +247,7 @@ Packed pack_codebooks(const float* cb, const float* norms, int64_t K, int64_t bi
 // 16 ymm registers hold 4 codes x 24 rows (12 accumulators + 3 row vectors + 1 broadcast code): the chunk
 // goes in four such passes over d, each half of the rows taking its codes in order, so every lane sees the
 // same fma chain and the same sequence of updates as the 8 x 48 kernel below (whose 48 accumulators would
-// spill here). Zen 2, B8 T750 K8, 1 thread: 374 ms against the portable loops' 5.3 s and the reference's 0.78 s.
+// spill here). Faster than the portable loops and the reference (measured: bench/results/design-measurements.md).
 inline __m256& half(VF& a, int h) { return h ? a.hi : a.lo; }
 inline __m256i& half(VI& a, int h) { return h ? a.hi : a.lo; }
 inline __m256 half(const VF& a, int h) { return h ? a.hi : a.lo; }
@@ -637,10 +637,10 @@ void check_codebooks(const at::Tensor& cb) {
                     std::numeric_limits<int32_t>::max() - MR, " are supported");
 }
 
-// Few rows (a streamed frame): packing the codebooks per call costs more than searching them (3.7 ms against
-// the reference's 1.2 ms for one frame at K=8), so encode_few reads the codes 16 at a time, either in place
-// through an in-register 16x16 transpose (0.35 ms for one frame at K=8) or, when the caller keeps one, from
-// pack_few's layout with 4 chunks in flight (0.06 ms), with search_chunk's arithmetic: fma over d in order,
+// Few rows (a streamed frame): packing the codebooks per call costs more than searching them (slower than the
+// reference for one frame), so encode_few reads the codes 16 at a time, either in place through an in-register
+// 16x16 transpose or, faster still, when the caller keeps one, from pack_few's layout with 4 chunks in flight
+// (measured: bench/results/design-measurements.md), with search_chunk's arithmetic: fma over d in order,
 // (|r|^2 - 2 dot) + |e|^2, strict <, first index on ties. Serial: a few rows do not pay for waking threads.
 constexpr int64_t kFewRows = 8;
 

@@ -3,9 +3,13 @@
 // computed into a caller-owned output, with no allocation after the first call.
 //
 // Why not conv1d_cpu.cpp's kernel: it vectorises along time, so at the 1-8 frames of a 320-sample chunk
-// in the deep layers it uses 1 of 16 lanes and broadcasts every weight as a scalar (256->512 k16 s8, one
-// frame: 1.26 ms, against ~0.3 ms to read its 8 MiB once). Here the frames are the rows of a small GEMM
-// vectorised along output channels: weights stream from memory as whole vectors, once per chunk.
+// in the deep layers it uses 1 of 16 lanes and broadcasts every weight as a scalar, several times slower than
+// reading the layer's weights once. Here the frames are the rows of a small GEMM vectorised along output
+// channels: weights stream from memory as whole vectors, once per chunk. Conversely this tiling is not meant for
+// whole signals. The two kernels sum each output in different orders, so one cannot replace the other without
+// changing the bits of one path; bench/kernel_tilings.py times each at the other's shapes
+// (bench/results/kernel-tilings-cpu-*.json; measured: bench/results/design-measurements.md). What they share
+// (reduction chunk, argument checks, helpers) is in conv_common.h.
 //
 // Layouts: a state buffer (B, C, cap) is stored time-major (frame t of batch b at b*stride0 + t*C); an
 // output (B, N, frames) has channel stride 1. Weights are packed in panels of `nw` output columns:
@@ -20,21 +24,19 @@
 #include <string>
 #include <vector>
 
+#include "conv_common.h"
 #include "elu_cpu.h"
 #include "vf16.h"  // FC_AVX512 / FC_AVX2 and their intrinsics
 
 namespace {
 
+using fc_conv::ceil_div;
+using fc_conv::KC;
+using fc_conv::VL;
 using fc_elu::elu_inplace;
 
-constexpr int VL = 16;  // floats per 512-bit vector
-// Reduction chunk: each output adds chunk sums of 64 terms (as conv1d_cpu.cpp does) so the float32
-// error of a 4096-term reduction stays near oneDNN's (one running sum: ~3x larger, measured in MKL).
-constexpr int64_t KC = 64;
-// Convs below this many multiply-adds (~3 us on one core) are not worth an OpenMP fork-join.
+// Convs below this many multiply-adds (a few microseconds on one core) are not worth an OpenMP fork-join.
 constexpr int64_t kParallelMinMacs = 1 << 17;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // One FR frames x NV vectors tile of one reduction chunk: c[f][n] = sum_{r < nk} w[r][n] * x[f*xfs + xoff[r]],
 // then out[f*ofs + n] = (first ? bias[n] : out[f*ofs + n]) + c[f][n]. Only `mask` lanes of the last vector
@@ -112,8 +114,9 @@ using MicroFn = void (*)(const float*, int64_t, const int32_t*, const float*, in
                          int64_t, uint32_t, bool);
 
 // frames per tile for NV vectors: FR * NV accumulators + NV weights + 1 broadcast <= 32 zmm registers, or
-// 16 ymm at 2 per vector (NV = 4: the weights are read as fma operands). Zen 2, 1 thread, one 320-sample chunk
-// through the 24 kHz encoder: 6.2 ms against the portable loops' 28.7 ms and the ATen steps' 7.9 ms.
+// 16 ymm at 2 per vector (NV = 4: the weights are read as fma operands); on AVX2 a chunk through the 24 kHz
+// encoder runs several times faster than the portable loops and ahead of the ATen steps
+// (measured: bench/results/design-measurements.md).
 #if FC_AVX2
 constexpr int kMaxFrames[5] = {0, 6, 2, 1, 1};
 #else
@@ -194,10 +197,7 @@ float* scratch(std::vector<float>& v, int64_t n) {
   return v.data();
 }
 
-void check_f32_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fastcodec stream: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastcodec stream: ", name, " must be float32, got ", t.scalar_type());
-}
+void check_f32_cpu(const at::Tensor& t, const char* name) { fc_conv::check_f32_cpu(t, "fastcodec stream", name); }
 
 void check_packed(const at::Tensor& wpack, int64_t K, int64_t N) {
   check_f32_cpu(wpack, "packed weight");
@@ -209,9 +209,8 @@ void check_packed(const at::Tensor& wpack, int64_t K, int64_t N) {
 
 const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N) {
   if (!bias.has_value()) return nullptr;
-  check_f32_cpu(*bias, "bias");
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
-              "fastcodec stream: bias must be a contiguous (", N, ",), got ", bias->sizes());
+  fc_conv::check_bias(*bias, "fastcodec stream", "bias", N);
+  TORCH_CHECK(bias->is_contiguous(), "fastcodec stream: bias must be contiguous");
   return bias->data_ptr<float>();
 }
 
@@ -357,17 +356,10 @@ void convtr_push(const at::Tensor& x, c10::optional<double> alpha, int64_t kerne
 }
 
 // The vectorised ELU alone (tests measure its error against float64).
-at::Tensor elu(const at::Tensor& x, double alpha) {
-  check_f32_cpu(x, "x");
-  at::Tensor out = x.contiguous().clone();
-  elu_inplace(out.data_ptr<float>(), out.numel(), (float)alpha);
-  return out;
-}
-
-std::string simd() { return FC_SIMD_NAME; }
+at::Tensor elu(const at::Tensor& x, double alpha) { return fc_conv::elu_copy(x, alpha, "fastcodec stream"); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("simd", &simd, "which vector path was compiled: avx512, avx2 or portable");
+  m.def("simd", &fc_conv::simd, "which vector path was compiled: avx512, avx2 or portable");
   m.def("pack_panels", &pack_panels, "pack a (K, N) weight in panels of nw output columns");
   m.def("conv_push", &conv_push, "streaming conv step on a time-major state buffer (float32, CPU)");
   m.def("convtr_push", &convtr_push, "streaming transposed conv step with carried overlap (float32, CPU)");

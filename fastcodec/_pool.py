@@ -2,8 +2,8 @@
 
 glibc gives a freed multi-megabyte tensor's pages back to the kernel (munmap, or trimming the heap top), so
 every layer output of a long signal lands on fresh pages: ~18k page faults per 24 kHz B=1 10 s encoder call.
-With glibc's mmap/trim thresholds raised so that pages stay mapped, the encoder measured 215 -> 188 ms and
-the decoder 220 -> 190 ms (2 threads, AMD EPYC Zen 4). A pool keeps the module's flat float32 buffers
+With glibc's mmap/trim thresholds raised so that pages stay mapped, the encoder and the decoder ran about 13%
+faster (measured: bench/results/design-measurements.md). A pool keeps the module's flat float32 buffers
 between calls and hands out views of free ones; a buffer is free when no tensor views it any more (its
 storage's use count is back to the pool's own reference), so a tensor kept by anyone (a forward hook, a
 norm module, autograd) keeps its buffer out of reuse.

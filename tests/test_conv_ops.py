@@ -3,7 +3,7 @@ against float64 references.
 
 Outputs and gradients against ``conv1d_reference`` in float64, against raw ``F.conv1d`` and against
 audiocraft 1.3.0's ``StreamableConv1d`` on a grid of kernels 1/2/3/7/8/16, strides 1/2/4/5/8,
-dilations 1/2/3/9, causal/centred, constant/reflect, lengths 1..1134 (shorter than the padding too),
+dilations 1/2/3/9, causal/centred, constant/reflect/replicate, lengths 1..1134 (shorter than the padding too),
 batch 1/3, channels 1/2/32/64/130, strided inputs, fused ELU and skip; plus opcheck, torch.compile,
 bad inputs, uninitialised-memory reads, determinism, the weight caches and SEANet's real layer shapes.
 The transposed conv (decoder) gets the same checks against F.conv_transpose1d and audiocraft's
@@ -167,7 +167,7 @@ def test_matches_f_conv1d(K, s, d, T):
 @pytest.mark.parametrize("K,s,d", [(7, 1, 1), (3, 1, 1), (3, 1, 3), (3, 1, 9), (1, 1, 1), (4, 2, 1), (8, 4, 1),
                                    (10, 5, 1), (16, 8, 1)])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
 def test_matches_audiocraft_streamable_conv(oracle, K, s, d, causal, mode):
     """audiocraft's own module (in float64) computes the padding: checks streamable_padding and pad1d,
     including reflect on inputs shorter than the padding (T = 1, 2, 5)."""
@@ -216,6 +216,8 @@ GRAD_CASES = [
     dict(K=10, s=5, d=1, T=2, mode="reflect", causal=True, elu=None, skip=True),
     dict(K=4, s=2, d=1, T=1134, mode="constant", causal=True, elu=1.0, skip=True, strided=True),
     dict(K=1, s=1, d=1, T=17, mode="constant", causal=False, elu=None, skip=False, bias=False),
+    dict(K=7, s=1, d=1, T=5, mode="replicate", causal=True, elu=1.0, skip=False),
+    dict(K=4, s=2, d=1, T=129, mode="replicate", causal=False, elu=1.0, skip=True),
     dict(K=8, s=4, d=2, T=129, mode="constant", causal=False, elu=1.0, skip=True, B=3, ci=32, co=2),
 ]
 

@@ -84,6 +84,19 @@ def test_decoder_matches_reference(name, frames):
     _check(ref, fast, ref64, z)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
+def test_replicate_padding_matches_reference(causal):
+    """pad_mode="replicate" (accepted by audiocraft's SEANet): the kernels repeat the edge samples. 2100 samples:
+    the residual blocks run fused (csrc resblock) as well as per conv (the 1-sample input)."""
+    cfg = dict(channels=1, dimension=16, n_filters=8, n_residual_layers=1, ratios=[4, 2], norm="weight_norm",
+               causal=causal, pad_mode="replicate", lstm=1)
+    ref, fast, ref64 = _pair(RefEncoder, fastcodec.SEANetEncoder, cfg)
+    for length in (1, 2100):
+        _check(ref, fast, ref64, torch.randn(2, 1, length))
+    ref, fast, ref64 = _pair(RefDecoder, fastcodec.SEANetDecoder, cfg)
+    _check(ref, fast, ref64, torch.randn(2, 16, 300))
+
+
 @pytest.mark.parametrize("which", ["encoder", "decoder"])
 def test_gradients_match_reference(which):
     cfg = CONFIGS["encodec24k"]

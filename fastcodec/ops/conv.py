@@ -7,7 +7,8 @@
   ``skip``: (B, C_out, T_out) or None; ``y``: (B, C_out, T_out) contiguous, with
   ``T_out = (pad_left + T + pad_right - ((K - 1) * dilation + 1)) // stride + 1``.
 - ``pad1d`` is audiocraft's: ``constant`` pads zeros; ``reflect`` mirrors, and an input no longer than the
-  pad is first zero-extended to ``max(pad) + 1`` samples (the zeros are reflected too, then cut off).
+  pad is first zero-extended to ``max(pad) + 1`` samples (the zeros are reflected too, then cut off);
+  ``replicate`` repeats the edge samples.
 - ``act`` is ``ELU(alpha=elu_alpha)`` applied to the input (before padding; the two commute), or none.
   SEANet puts an ELU in front of every conv except the first and the shortcut.
 
@@ -17,20 +18,21 @@ it only on GPUs where it was measured faster than cuDNN, ``_backend.CUDA_CONV_ME
 ``reference`` (plain PyTorch, the oracle). The backward always runs in ATen.
 
 The transposed conv runs on the CPU as ``stride`` interleaved ordinary convs of ``ceil(K / stride)`` taps
-through the same kernel (measured 1.3x to 3.7x faster than ELU + F.conv_transpose1d + trim on the 24 kHz
-decoder's four layers, 1 thread); on CUDA its ``cuda`` backend is cuDNN through ATen.
+through the same kernel (faster than ELU + F.conv_transpose1d + trim on each of the 24 kHz decoder's four layers;
+measured: bench/results/design-measurements.md); on CUDA its ``cuda`` backend is cuDNN through ATen.
 
 Weights: the C++ kernel wants a packed copy. ``_packed_weight`` caches it per weight tensor and
 ``weight_norm_weight(v, g)`` folds ``g * v / ||v||`` once per change of ``v`` or ``g``, both under the one
 cache rule of ``fastcodec._cache`` (identity, version and a content fingerprint of the sources), so any
 write repacks and nothing else does.
+
+Shapes, paddings and argument checks live in ``fastcodec.ops.conv_args`` (re-exported here).
 """
 from __future__ import annotations
 
 import ctypes
 import fcntl
 import hashlib
-import math
 import os
 import shutil
 import subprocess
@@ -42,10 +44,10 @@ import torch.nn.functional as F
 
 from .. import _backend, _build, _cache, _pool
 from ..reference.conv import pad1d
-from ._checks import MAX_GEOMETRY
-
-PAD_MODES = ("constant", "reflect")
-_PAD_CODE = {"constant": 0, "reflect": 1}  # FC_PAD_* in csrc/conv1d_params.h
+from .conv_args import (  # noqa: F401  (re-exported: fastcodec.ops.conv is where callers import them from)
+    _PAD_CODE, PAD_MODES, _check_elu_alpha, _check_int, _check_tensor, _check_x_weight, _describe, _devices_named,
+    _effective_stride, _pad1d_backward, check_conv1d_args, check_conv_transpose1d_args, conv1d_output_length,
+    conv_transpose1d_output_length, streamable_padding, streamable_trim)
 
 IMPLS: dict[str, Callable] = {}
 
@@ -56,114 +58,6 @@ def register_impl(backend: str):
         return fn
 
     return deco
-
-
-# ---------------------------------------------------------------------------------------------
-# shapes and checks
-# ---------------------------------------------------------------------------------------------
-
-
-def conv1d_output_length(length: int, kernel_size: int, stride: int = 1, dilation: int = 1,
-                         pad_left: int = 0, pad_right: int = 0) -> int:
-    """Frames produced from ``length`` samples (``T_out`` in the module docstring)."""
-    return (pad_left + length + pad_right - ((kernel_size - 1) * dilation + 1)) // stride + 1
-
-
-def streamable_padding(length: int, kernel_size: int, stride: int = 1, dilation: int = 1,
-                       causal: bool = False) -> tuple[int, int]:
-    """audiocraft's ``StreamableConv1d`` paddings ``(left, right)`` for an input of ``length`` samples.
-
-    Total ``(kernel_size - 1) * dilation + 1 - stride``, all left when causal, else the larger half left;
-    plus the extra right padding that makes the last window full (``get_extra_padding_for_conv1d``),
-    so the output has ``ceil(length / stride)`` frames.
-    """
-    span = (kernel_size - 1) * dilation + 1
-    total = span - stride
-    if total < 0:
-        raise ValueError(f"kernel span {span} is shorter than the stride {stride}: audiocraft's padding would be negative")
-    n_frames = (length - span + total) / stride + 1
-    extra = (math.ceil(n_frames) - 1) * stride + (span - total) - length
-    right = 0 if causal else total // 2
-    return total - right, right + extra
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
-
-
-def _check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
-
-
-def _check_int(name: str, v, low: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
-    if v > MAX_GEOMETRY:  # work buffers are sized by these integers: bound them before any kernel runs
-        raise ValueError(f"{name} must be <= {MAX_GEOMETRY} (fastcodec's geometry limit), got {v}")
-
-
-def _check_x_weight(x, weight, in_axis: int, layout: str) -> None:
-    """x: (B, C_in, T) non-empty; weight: non-empty ``layout`` with C_in on ``in_axis`` (groups=1)."""
-    _check_tensor("x", x)
-    _check_tensor("weight", weight)
-    if x.dim() != 3:
-        raise ValueError(f"x must be (batch, channels, time), got {_describe(x)}")
-    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(f"x is empty: {_describe(x)} (batch, channels and time must be >= 1)")
-    if weight.dim() != 3 or 0 in weight.shape:
-        raise ValueError(f"weight must be a non-empty {layout}, got {_describe(weight)}")
-    if weight.shape[in_axis] != x.shape[1]:
-        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[in_axis]} (groups=1)")
-
-
-def _devices_named(**tensors) -> str:
-    return ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
-
-
-def check_conv1d_args(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha) -> None:
-    """Raise TypeError/ValueError naming the problem; shapes only, so it also runs on fake tensors."""
-    _check_x_weight(x, weight, in_axis=1, layout="(out_channels, in_channels, kernel_size)")
-    for name, v, low in (("stride", stride, 1), ("dilation", dilation, 1), ("pad_left", pad_left, 0),
-                         ("pad_right", pad_right, 0)):
-        _check_int(name, v, low)
-    if not isinstance(pad_mode, str) or pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
-    if elu_alpha is not None:
-        if isinstance(elu_alpha, bool) or not isinstance(elu_alpha, (int, float)):
-            raise TypeError(f"elu_alpha must be a float or None, got {type(elu_alpha).__name__}")
-        if not math.isfinite(elu_alpha):
-            raise ValueError(f"elu_alpha must be finite, got {elu_alpha}")
-    c_out, _, k = weight.shape
-    span = (k - 1) * dilation + 1
-    if span > MAX_GEOMETRY:
-        raise ValueError(f"kernel span (kernel_size - 1) * dilation + 1 = {span} exceeds fastcodec's geometry "
-                         f"limit {MAX_GEOMETRY} (kernel_size {k}, dilation {dilation})")
-    padded = pad_left + x.shape[2] + pad_right
-    if span > padded:
-        raise ValueError(
-            f"kernel span (kernel_size - 1) * dilation + 1 = {span} is longer than the padded input "
-            f"({pad_left} + {x.shape[2]} + {pad_right} = {padded} samples)"
-        )
-    devices = {x.device, weight.device}
-    if bias is not None:
-        _check_tensor("bias", bias)
-        if tuple(bias.shape) != (c_out,):
-            raise ValueError(f"bias must be ({c_out},), got {_describe(bias)}")
-        devices.add(bias.device)
-    if skip is not None:
-        _check_tensor("skip", skip)
-        want = (x.shape[0], c_out, (padded - span) // stride + 1)
-        if tuple(skip.shape) != want:
-            raise ValueError(f"skip must have the output's shape {want}, got {_describe(skip)}")
-        devices.add(skip.device)
-    if len(devices) != 1:
-        raise ValueError(f"conv1d tensors are on several devices: {sorted(map(str, devices))} "
-                         f"({_devices_named(x=x, weight=weight, bias=bias, skip=skip)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,15 +125,9 @@ def _cpu_ext():
 _backend.register_probe("conv", "cpp", _backend.probe_by_loading(_cpu_ext))
 
 
-def _effective_stride(length: int, kernel_size: int, stride: int, dilation: int, pad_left: int, pad_right: int) -> int:
-    """A stride past the last window start gives one frame, as does ``padded - span + 1``: pass that instead, so
-    the kernel's per-phase tables are sized by the input, not by a huge stride."""
-    return min(stride, pad_left + length + pad_right - (kernel_size - 1) * dilation)
-
-
-# No ATen dispatch for any shape: on all 18 SEANet encoder layers this kernel measured at least as fast
-# as the pad + ELU + F.conv1d it replaces (1 thread, AMD EPYC: 1.08x on the 512->128 k7 T=750 layer,
-# 1.24x to 4.9x elsewhere); F.conv1d alone is faster on 3 layers (up to 1.10x) but needs that padded copy.
+# No ATen dispatch for any shape: on every SEANet encoder layer this kernel was at least as fast as the
+# pad + ELU + F.conv1d it replaces; F.conv1d alone is a little faster on a few layers but needs that padded copy
+# (measured: bench/results/design-measurements.md).
 @register_impl("cpp")
 def _conv1d_cpp(x, weight, bias, skip, stride, dilation, pad_left, pad_right, pad_mode, elu_alpha):
     c_out, _, k = weight.shape
@@ -458,18 +346,6 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (stride, dilation, pad_left, pad_right, pad_mode, elu_alpha, bias is not None)
 
 
-def _pad1d_backward(grad: torch.Tensor, length: int, pad_left: int, pad_right: int, pad_mode: str) -> torch.Tensor:
-    """Gradient of ``pad1d(x, (pad_left, pad_right), pad_mode)`` wrt x (..., length) given grad of its output."""
-    if pad_mode == "constant":
-        return grad[..., pad_left:pad_left + length]
-    extra = max(0, max(pad_left, pad_right) - length + 1)  # audiocraft's zero-extension of short inputs
-    if extra:
-        grad = F.pad(grad, (0, extra))
-    shape = grad.new_empty(grad.shape[:-1] + (length + extra,))
-    g = torch.ops.aten.reflection_pad1d_backward(grad, shape, [pad_left, pad_right])
-    return g[..., :length]
-
-
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     stride, dilation, pad_left, pad_right, pad_mode, elu_alpha, has_bias = ctx.args
@@ -508,44 +384,6 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # ---------------------------------------------------------------------------------------------
 # transposed conv: ``fastcodec::conv_transpose1d``, SEANet decoder's ELU -> ConvTranspose1d -> trim
 # ---------------------------------------------------------------------------------------------
-
-
-def streamable_trim(kernel_size: int, stride: int, causal: bool = False, trim_right_ratio: float = 1.0) -> tuple[int, int]:
-    """audiocraft's ``StreamableConvTranspose1d`` trims ``(left, right)`` of the ``kernel_size - stride`` padding."""
-    total = kernel_size - stride
-    if total < 0:
-        raise ValueError(f"kernel_size {kernel_size} is shorter than the stride {stride}: nothing to trim")
-    right = math.ceil(total * trim_right_ratio) if causal else total // 2
-    return total - right, right
-
-
-def conv_transpose1d_output_length(length: int, kernel_size: int, stride: int = 1, trim_left: int = 0,
-                                   trim_right: int = 0) -> int:
-    return (length - 1) * stride + kernel_size - trim_left - trim_right
-
-
-def check_conv_transpose1d_args(x, weight, bias, stride, trim_left, trim_right, elu_alpha) -> None:
-    """Raise TypeError/ValueError naming the problem; shapes only, so it also runs on fake tensors."""
-    _check_x_weight(x, weight, in_axis=0, layout="(in_channels, out_channels, kernel_size)")
-    for name, v, low in (("stride", stride, 1), ("trim_left", trim_left, 0), ("trim_right", trim_right, 0)):
-        _check_int(name, v, low)
-    if elu_alpha is not None:
-        if isinstance(elu_alpha, bool) or not isinstance(elu_alpha, (int, float)):
-            raise TypeError(f"elu_alpha must be a float or None, got {type(elu_alpha).__name__}")
-        if not math.isfinite(elu_alpha):
-            raise ValueError(f"elu_alpha must be finite, got {elu_alpha}")
-    full = (x.shape[2] - 1) * stride + weight.shape[2]
-    if trim_left + trim_right >= full:
-        raise ValueError(f"trims ({trim_left}, {trim_right}) leave nothing of the {full} output samples")
-    devices = {x.device, weight.device}
-    if bias is not None:
-        _check_tensor("bias", bias)
-        if tuple(bias.shape) != (weight.shape[1],):
-            raise ValueError(f"bias must be ({weight.shape[1]},), got {_describe(bias)}")
-        devices.add(bias.device)
-    if len(devices) != 1:
-        raise ValueError(f"conv_transpose1d tensors are on several devices: {sorted(map(str, devices))} "
-                         f"({_devices_named(x=x, weight=weight, bias=bias)})")
 
 
 def conv_transpose1d_reference(x, weight, bias=None, stride=1, trim_left=0, trim_right=0, elu_alpha=None):

@@ -34,8 +34,8 @@ _FEW = WeakIdKeyDictionary()  # by identity: a tensor key must not be compared w
 
 def register_immutable_codebooks(codebooks: torch.Tensor) -> None:
     """Let few-row encodes of ``codebooks`` (K, bins, D) reuse a packed copy (4 bytes per weight, built on first
-    use): a streamed frame's search then reads contiguous 16-code panels, 4 in flight (0.06 ms for one frame at
-    K=8, against 0.35 ms transposing the codes in place)."""
+    use): a streamed frame's search then reads contiguous 16-code panels, 4 in flight (several times faster than
+    transposing the codes in place; measured: bench/results/design-measurements.md)."""
     _FEW[codebooks] = None
 
 

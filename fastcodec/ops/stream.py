@@ -18,7 +18,8 @@ streaming steps run these where ``fastcodec._backend.choose("streaming", "cpu")`
 (``fastcodec.streaming``'s conv seam) elsewhere.
 
 Eager callers (the streaming steps, ~25 calls per 320-sample chunk of the 24 kHz model) run the kernel directly:
-the dispatcher costs ~75 us per call of a mutating custom op on these machines, against ~50 us of work per step.
+the dispatcher's cost per call of a mutating custom op is larger than a step's work
+(measured: bench/results/design-measurements.md).
 ``torch.compile`` and ``torch.library.opcheck`` see the registered ops, whose fake kernels give the same shapes.
 """
 from __future__ import annotations

@@ -27,8 +27,8 @@ from .base import NotStreamableError, Step, _out_view, _pointwise_into, _Slot, _
 
 # Reductions longer than this are split into blocks of this many terms: MKL's float32 GEMV over K = 4096
 # loses 9.7e-7 relative to float64, in 1024-term blocks 3.5e-7 (the offline oneDNN conv's level, 3e-7);
-# it costs 1.4x on those two layers (0.48 -> 0.69 ms out of cache) and brings the streamed encoder's error
-# to <= 1.41x the offline float32 error (60 random splits) from up to 2.85x.
+# it costs a little time on those two layers (measured: bench/results/design-measurements.md) and
+# brings the streamed encoder's error to <= 1.41x the offline float32 error (60 random splits) from up to 2.85x.
 _K_BLOCK = 1024
 
 
@@ -55,9 +55,9 @@ def conv1d_step(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     it time-major); weight: (C_out, C_in / groups, k); packed: ``pack_conv1d(weight)`` or None
     -> (B, C_out, (L - (k - 1) * dilation - 1) // stride + 1), time-major underneath.
 
-    With ``packed`` (groups 1) it is an im2col GEMM with the few frames as rows (``linear_step``): on the
-    AMD EPYC a (2..8 frames) x 4096 x 512 conv takes 2.6 ms and loses 3.4e-6 relative through ``F.conv1d``
-    (MKL's small-N GEMM), 0.27 ms and 8e-7 as frames x weight^T.
+    With ``packed`` (groups 1) it is an im2col GEMM with the few frames as rows (``linear_step``): a
+    (2..8 frames) x 4096 x 512 conv through ``F.conv1d`` (MKL's small-N GEMM) is about ten times slower and
+    loses 3.4e-6 relative, against 8e-7 as frames x weight^T (measured: bench/results/design-measurements.md).
     """
     B, C, L = window.shape
     k = weight.shape[-1]

@@ -18,7 +18,8 @@ from .base import Step, _Slot, flush_chain, push_chain
 from .conv import ConvStep, _weight
 
 # blocks of at least this many samples run fused (csrc resblock); shorter ones as three conv1d calls. The
-# 24 kHz models' shortest block (256 channels, 6000 frames per 10 s) measured 12.5 ms fused vs 14.6 ms.
+# 24 kHz models' shortest block (256 channels, 6000 frames per 10 s) already runs faster fused
+# (measured: bench/results/design-measurements.md).
 _RES_FUSED_MIN = 1024
 # frames per tile of the fused block (csrc resblock); 0: chosen in C++ from the channel count (L2 budget)
 _RES_TILE_FRAMES = 0
