@@ -191,3 +191,26 @@ def test_stream_equals_offline_per_precision():
             assert s.shape == offline.shape
             print(c, rel(s, oracle) / rel(offline, oracle))
             assert rel(s, oracle) <= 2.0 * rel(offline, oracle), c
+
+
+def test_bf16_fidelity_pinned():
+    """The fidelity numbers of docs/bf16.md, at CI size: the 24 kHz codec with its initial SEANet weights and codebooks
+    fitted by k-means on 20 s of generated audio, measured on 6 s of other generated material (speech-, music-like,
+    percussion, noise, sweep). Measured on an AMD EPYC Zen 2 (AVX2): latent relative error 0.0034, level-1 code
+    agreement 0.66 (codebooks fitted on only 1500 frames have many near-ties), decoded SI-SNR 33.8 dB and mel L1
+    0.19 against the float32 decode; the bounds leave room for other CPUs' kernels (another summation order) and
+    fail if the bf16 error grows by ~2x (e.g. a rounding point added, or sums in bf16: SI-SNR -6 dB)."""
+    from fastcodec.bench.bf16_fidelity import build_model, fidelity, material
+
+    fit = [c for _, c in material(24000, 1, 20.0, seed=1)]
+    model = build_model("24khz", fit)
+    res = fidelity(model, material(24000, 1, 6.0, seed=0), (1.5, 6.0, 24.0))
+    print(res)
+    assert res["latent_rel_err"] < 0.006
+    for bw, r in res["bandwidths"].items():
+        agree = r["code_agreement_per_level"]
+        assert len(agree) == {"1.5": 2, "6.0": 8, "24.0": 32}[bw]
+        assert agree[0] > 0.5
+        assert r["si_snr_db_min"] > 28.0
+        assert r["mel_l1_max"] < 0.4
+    assert model.precision == "float32"
