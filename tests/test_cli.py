@@ -13,6 +13,7 @@ import torch
 
 from fastcodec import cli
 from fastcodec._oracles import OracleUnavailable
+from fastcodec.bench import case_base
 from fastcodec.bench import cases as bc
 from fastcodec.bench import harness as bh
 
@@ -181,7 +182,7 @@ def test_missing_audiocraft_is_omitted_with_a_note(monkeypatch, tmp_path, capsys
     def not_installed(name, on_missing=None):
         raise OracleUnavailable("audiocraft is not installed (bash scripts/run.sh setup installs it)")
 
-    monkeypatch.setattr(bc, "import_oracle", not_installed)
+    monkeypatch.setattr(case_base, "import_oracle", not_installed)  # where load_class looks it up
     out = tmp_path / "bench.json"
     rc = cli.main(["bench", "--smoke", "--only", "rvq_decode", "--threads", "1", "--quiet", "--json", str(out)])
     stdout = capsys.readouterr().out
