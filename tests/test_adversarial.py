@@ -23,19 +23,14 @@ from fastcodec.bench.oracle_stubs import import_audiocraft
 
 from .utils import assert_close
 
-# audiocraft's and encodec's NormConv2d use the deprecated torch.nn.utils.weight_norm
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+pytestmark = [
+    # audiocraft's and encodec's NormConv2d use the deprecated torch.nn.utils.weight_norm
+    pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning"),
+    # tiny shapes: 2 OpenMP threads on the loaded 2-vCPU machine cost more than they give
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 SMALL = dict(filters=4, n_ffts=[128, 256, 64], hop_lengths=[32, 64, 16], win_lengths=[128, 256, 64])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes: 2 OpenMP threads on the loaded 2-vCPU machine cost more than they give
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,9 @@ from fastcodec.checkpoint import CheckpointError
 from fastcodec.ops import conv as C
 from fastcodec.ops import rvq as Q
 
+# cells are tiny: one thread avoids thread-pool wake-ups that cost 20x more than the work on a loaded host
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
 CELL_TIMEOUT_S = 60  # a hang or a minutes-long churn trips this (cells take milliseconds)
 FAST_S = 2.0  # absurd geometry must be refused before any work proportional to it
@@ -550,13 +553,6 @@ TABLE: list[Cell] = _op_cells() + _geometry_cells() + _kernel_cells() + _module_
 IDS = [c.id for c in TABLE]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Cells are tiny: one thread avoids thread-pool wake-ups that cost 20x more than the work on a loaded host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 assert len(set(IDS)) == len(IDS), "duplicate cell ids"
 
 

@@ -18,21 +18,16 @@ from fastcodec.compat import AudiocraftEncodecModel, seanet_kwargs
 from tests.conftest import import_oracle
 from tests.utils import assert_codes_equivalent, max_abs_err
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning"),
+    # tiny shapes on a shared 2-core machine: a 2-thread OpenMP barrier waits on a descheduled thread
+    # (measured 10x slower here under load)
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 ERR_FACTOR = 4.0
 KW = dict(channels=1, dimension=16, n_filters=4, n_residual_layers=1, ratios=[4, 2], norm="weight_norm",
           causal=False, pad_mode="constant", true_skip=True, compress=2, lstm=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny shapes on a shared 2-core machine: a 2-thread OpenMP barrier waits on a descheduled thread
-    # (measured 10x slower here under load)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build_audiocraft(renormalize: bool = False, causal: bool = False, seed: int = 0, **overrides):

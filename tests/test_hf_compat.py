@@ -14,8 +14,13 @@ from fastcodec.hf import EncodecConfig, EncodecModel
 from .utils import assert_codes_equivalent, max_abs_err
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not transformers.__version__.startswith("4.57."),
-                                reason=f"tested against transformers 4.57.x, found {transformers.__version__}")
+pytestmark = [
+    pytest.mark.skipif(not transformers.__version__.startswith("4.57."),
+                       reason=f"tested against transformers 4.57.x, found {transformers.__version__}"),
+    # toy shapes: a second OpenMP thread only spins (a 26-step fp32 LSTM took 1.2 s with 2 threads on a loaded
+    # 2-core machine, 0.4 ms with 1)
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 _BASE = dict(num_filters=4, hidden_size=8, codebook_size=16, upsampling_ratios=[2, 2], sampling_rate=400,
              target_bandwidths=[0.4, 0.8], num_lstm_layers=1)
@@ -27,16 +32,6 @@ CONFIGS = {
     "48khz": dict(audio_channels=2, use_causal_conv=False, norm_type="time_group_norm", normalize=True,
                   chunk_length_s=0.1, overlap=0.05),  # 40-sample chunks, stride 38: the last one is short
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # toy shapes: a second OpenMP thread only spins (a 26-step fp32 LSTM took 1.2 s with 2 threads on a loaded
-    # 2-core machine, 0.4 ms with 1)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

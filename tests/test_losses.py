@@ -25,18 +25,13 @@ from fastcodec.bench.oracle_stubs import import_audiocraft
 
 from .utils import assert_close
 
-# tiny scales (n_fft 32-64 with 64 mels) leave some mel filters empty; librosa and torchaudio both warn
-pytestmark = pytest.mark.filterwarnings("ignore:Empty filters detected")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+pytestmark = [
+    # tiny scales (n_fft 32-64 with 64 mels) leave some mel filters empty; librosa and torchaudio both warn
+    pytest.mark.filterwarnings("ignore:Empty filters detected"),
     # tiny shapes: with 2 threads on a loaded 2-vCPU machine the OpenMP hand-offs cost ~20x (1.1 s vs
     # 0.05 s for one msspec forward+backward, measured), so these tests run on one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 @pytest.fixture(scope="module")

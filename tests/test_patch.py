@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import fastcodec
-from tests.test_compat_audiocraft import _one_thread, assert_within, build_audiocraft, float64_twin  # noqa: F401
+from tests.test_compat_audiocraft import assert_within, build_audiocraft, float64_twin
 from tests.utils import assert_codes_equivalent
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]  # tiny shapes, as in tests/test_compat_audiocraft.py
 
 
 class MusicGenLike:

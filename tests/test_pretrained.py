@@ -13,16 +13,10 @@ from fastcodec.pretrained import EncodecConfig, build_model, config_for, config_
 
 from .utils import assert_close, max_abs_err
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # toy shapes
+
 _TINY = dict(num_filters=4, hidden_size=8, codebook_size=16, upsampling_ratios=[2, 2], sampling_rate=400,
              target_bandwidths=[0.4, 0.8], num_lstm_layers=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()  # toy shapes: a second OpenMP thread only spins on a loaded 2-core machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _shapes(sd: dict) -> dict:

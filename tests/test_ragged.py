@@ -19,16 +19,11 @@ import fastcodec
 from fastcodec import ragged
 from fastcodec.model import EncodecModel
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning"),
     # the shared 2-core machine runs several suites at once: OpenMP barriers then wait on descheduled threads
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def _model(sample_rate, channels, causal, norm, ratios, bins, n_q, normalize=False, segment=None,

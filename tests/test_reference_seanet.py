@@ -21,8 +21,13 @@ from fastcodec.reference.lstm import StreamableLSTM
 from fastcodec.reference.seanet import SEANetDecoder, SEANetEncoder, SEANetResnetBlock
 from tests.utils import max_abs_err
 
-# audiocraft/encodec build their weight_norm with the deprecated torch.nn.utils.weight_norm.
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+pytestmark = [
+    # audiocraft/encodec build their weight_norm with the deprecated torch.nn.utils.weight_norm.
+    pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning"),
+    # Both sides run under the same setting, so equality does not depend on it; two OpenMP threads on these
+    # small convs burnt 49 s of CPU for the file against 12 s with one.
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 # The published configurations. encodec 0.1.1 `EncodecModel._get_model`: SEANetEncoder(channels, norm,
 # causal) with encodec's defaults (n_residual_layers 1, true_skip False, lstm 2, pad_mode reflect).
@@ -65,16 +70,6 @@ SWEEP = {
 # Audio lengths shorter than the first conv's pad of 6 (1, 5), not multiples of the hop (17, 61), a multiple (60).
 SWEEP_LENGTHS = [1, 5, 17, 60, 61]
 SWEEP_FRAMES = [1, 2, 5, 11]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Both sides run under the same setting, so equality does not depend on it; on the shared 2-core
-    # machine two OpenMP threads on these small convs burnt 49 s of CPU for the file against 12 s with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _randomize(model: nn.Module, seed: int) -> None:

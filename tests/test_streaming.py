@@ -29,7 +29,12 @@ from fastcodec.reference.model import EncodecModel
 from fastcodec.reference.seanet import SEANetDecoder, SEANetEncoder
 from tests.utils import assert_codes_equivalent, max_abs_err, requires_cuda
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning"),
+    # the shared 2-core machine runs several suites at once: a 2-thread OpenMP barrier then waits on a
+    # descheduled thread, measured 40x slower (0.3 s of audio through the encoder: 2.7 s vs 0.065 s)
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 F64_ATOL = 1e-12  # float64 rounding of a reordered sum: measured <= 7.1e-16 (see the module docstring)
 F32_FACTOR = 3.0  # stream32 vs offline64 over offline32 vs offline64: measured <= 1.41
@@ -42,16 +47,6 @@ def _perturb_weight_norm(model: torch.nn.Module) -> None:
         for m in model.modules():
             if hasattr(m, "weight_g"):
                 m.weight_g.mul_(torch.empty_like(m.weight_g).uniform_(0.5, 1.5))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the shared 2-core machine runs several suites at once: a 2-thread OpenMP barrier then waits on a
-    # descheduled thread, measured 40x slower (0.3 s of audio through the encoder: 2.7 s vs 0.065 s)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

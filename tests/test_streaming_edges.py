@@ -12,7 +12,11 @@ import torch
 import fastcodec
 from tests.utils import assert_codes_equivalent
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning"),
+    # tiny shapes on a shared 2-core machine: a 2-thread OpenMP barrier waits on a descheduled thread
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 HOP = 4
 
@@ -29,15 +33,6 @@ def _tiny_model() -> fastcodec.EncodecModel:
             layer._codebook.inited.fill_(1)
     model = fastcodec.EncodecModel(enc, dec, q, target_bandwidths=[1.0], sample_rate=16, channels=1)
     return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny shapes on a shared 2-core machine: a 2-thread OpenMP barrier waits on a descheduled thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
