@@ -1,13 +1,15 @@
 """Speed of ``precision="bf16"`` against float32, audiocraft and onnxruntime, interleaved in one process.
 
-    python -m fastcodec.bench.bf16_speed [--seconds 5] [--batch 1 8] [--rounds 5] [--configs 24k,32k] [--json PATH]
+    python -m fastcodec.bench.bf16_speed [--seconds 5] [--batch 1 8] [--rounds 5] [--configs 24k,32k]
+        [--only seanet streams tokenize] [--json PATH]
 
 Per config (the 24 kHz EnCodec and MusicGen's 32 kHz SEANet, ``fastcodec.bench.cases.SEANET_CONFIGS``), per
 batch size, the SEANet encoder and decoder on ``seconds`` of audio: fastcodec at float32, fastcodec at bf16 (the
 same weights), audiocraft 1.3.0's module and onnxruntime on the exported reference, called round-robin ``rounds``
 times after one warm-up call each; medians and min-max in ms. Then the batched streaming codec of the 24 kHz model
 (encoder + RVQ at 6 kbps + decoder, one 320-sample chunk for B streams in one state) at float32 and bf16: the
-number of real-time streams the machine sustains = B x 13.33 ms / the chunk's median time.
+number of real-time streams the machine sustains = B x 13.33 ms / the chunk's median time. Last, the tokenization
+real-time factor (``fastcodec.tokenize`` on generated 2-20 s files, 24 kHz at 6 kbps) at float32 and bf16.
 
 On a CPU without AVX512_BF16 / AMX (``fastcodec info``), bf16 runs emulated (bf16 operands on the float32 kernels),
 so it measures the cost of the rounding, not a speed-up.
@@ -158,6 +160,30 @@ def streams(batches, rounds) -> dict:
     return res
 
 
+def tokenization(clips: int, rounds: int) -> dict:
+    """The 24 kHz codec at 6 kbps tokenizing ``clips`` generated files of 2-20 s (``fastcodec.tokenize``), float32
+    and bf16 interleaved: real-time factor = audio seconds / wall seconds (best round)."""
+    import os
+    import tempfile
+
+    from fastcodec.bench.tokenize_throughput import make_clips, tokenize_run
+    torch.manual_seed(0)
+    model = fastcodec.EncodecModel.encodec_model_24khz().eval()
+    out = {"float32": [], "bf16": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "clips")
+        os.makedirs(src)
+        audio_s = make_clips(src, clips, 2.0, 20.0, model.sample_rate)
+        for r in range(rounds):
+            for p in ("float32", "bf16"):
+                model.precision = p
+                out[p].append(audio_s / tokenize_run(src, os.path.join(tmp, f"{p}{r}"), model, 6.0))
+    res = {p: {"realtime_factor_best": max(v), "realtime_factor_median": statistics.median(v)} for p, v in out.items()}
+    res["audio_seconds"] = audio_s
+    print(json.dumps({"tokenize": res}))
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastcodec.bench.bf16_speed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -166,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--configs", default="24k,32k")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--tokenize-clips", type=int, default=12, help="files for the tokenization RTF (0: skip)")
+    ap.add_argument("--only", choices=["seanet", "streams", "tokenize"], nargs="+",
+                    default=["seanet", "streams", "tokenize"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -173,9 +202,13 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     warnings.filterwarnings("ignore", message="fastcodec: precision='bf16'")
     from fastcodec import precision
-    report = {"machine": machine_info(), "threads": threads, "bf16": precision.status("cpu"),
-              "seanet": seanet_cases(args.configs.split(","), args.batch, args.seconds, args.rounds, threads),
-              "streams": streams(args.stream_batch, args.rounds)}
+    report = {"machine": machine_info(), "threads": threads, "bf16": precision.status("cpu")}
+    if "seanet" in args.only:
+        report["seanet"] = seanet_cases(args.configs.split(","), args.batch, args.seconds, args.rounds, threads)
+    if "streams" in args.only:
+        report["streams"] = streams(args.stream_batch, args.rounds)
+    if "tokenize" in args.only and args.tokenize_clips:
+        report["tokenize"] = tokenization(args.tokenize_clips, max(2, args.rounds // 2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
