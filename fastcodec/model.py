@@ -37,7 +37,8 @@ class EncodecModel(CodecStreamingMixin, _ReferenceEncodecModel):
     @property
     def precision(self) -> str:
         """The encoder's and decoder's compute precision: "float32" (default, exact) or "bf16" (bf16 operands,
-        float32 accumulation; ``fastcodec.precision``). Settable; the quantizer's search stays exact."""
+        float32 accumulation; ``fastcodec.precision``); "mixed" when the encoder and decoder were set apart.
+        Settable (sets both); the quantizer's search stays exact."""
         precisions = {getattr(m, "precision", "float32") for m in (self.encoder, self.decoder)}
         return precisions.pop() if len(precisions) == 1 else "mixed"
 
