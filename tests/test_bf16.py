@@ -171,12 +171,12 @@ def test_bf16_warns_once_and_info_explains():
 
 
 def test_stream_equals_offline_per_precision():
-    """The 24 kHz causal codec's halves at bf16: any chunking gives bitwise the same stream, and the stream is as
-    close to the float64 bf16 oracle as the offline pass (measured: 1.06x the offline error for the encoder, 1.37x
-    for the decoder, both 0.5 s; bound 2x)."""
+    """The 24 kHz causal codec's halves at bf16, in chunks of 97, 320 and 1999 samples (1, 3, 10 frames): each stream
+    is as close to the float64 bf16 oracle as the offline pass (measured: 1.11-1.13x the offline error for the encoder,
+    0.67x for the decoder, 0.5 s; bound 2x)."""
     torch.manual_seed(0)
     model = fastcodec.EncodecModel.encodec_model_24khz(precision="bf16").eval()
-    for mod, x, chunks in ((model.encoder, 0.3 * torch.randn(1, 1, 12000), (320, 7, 1999)),
+    for mod, x, chunks in ((model.encoder, 0.3 * torch.randn(1, 1, 12000), (320, 97, 1999)),
                            (model.decoder, torch.randn(1, 128, 38), (1, 3, 10))):
         with torch.no_grad():
             offline = mod(x)
@@ -189,7 +189,6 @@ def test_stream_equals_offline_per_precision():
                 streams.append(torch.cat([o for o in outs if o is not None], -1))
         for c, s in zip(chunks, streams):
             assert s.shape == offline.shape
-            print(c, rel(s, oracle) / rel(offline, oracle))
             assert rel(s, oracle) <= 2.0 * rel(offline, oracle), c
 
 
