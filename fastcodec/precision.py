@@ -16,7 +16,6 @@ float32 path: docs/bf16.md.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -37,22 +36,13 @@ def round_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).to(t.dtype)
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def cpu_bf16_isa() -> list[str]:
     """The bf16 instruction sets this CPU reports (``avx512_bf16``, ``amx_bf16``); empty where it has none or
     where the flags cannot be read (not Linux)."""
-    return sorted(f for f in ("avx512_bf16", "amx_bf16") if f in _cpu_flags())
+    from ._backend import _cpuinfo_flags  # the flags the SIMD detection reads
+
+    flags = _cpuinfo_flags() or set()
+    return sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
 
 
 def status(device: str = "cpu") -> dict:

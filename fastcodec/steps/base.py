@@ -48,6 +48,17 @@ def bf16_of(w: torch.Tensor) -> torch.Tensor:
     return _BF16.get((w,), make, ("bf16",))
 
 
+def bf16_operand(x: torch.Tensor, act: nn.Module | None, alpha: float | None) -> torch.Tensor:
+    """precision="bf16": a conv's input as it multiplies: through its activation (a module, or the ELU of
+    ``alpha`` the float32 kernels fuse) and rounded to bf16. Padding copies or adds zeros, so the padded input is
+    rounded too."""
+    if act is not None:
+        x = act(x)
+    elif alpha is not None:
+        x = F.elu(x, alpha)
+    return round_bf16(x)
+
+
 def _tm(t: torch.Tensor) -> torch.Tensor:
     """Swap the last two axes of a 3-d state tensor (its own inverse): batch-axis ops on ``_tm(t)`` keep a
     time-major buffer time-major."""

@@ -22,7 +22,8 @@ from ..ops import conv as conv_ops
 from ..ops import stream as stream_ops
 from ..precision import round_bf16
 from ..reference.conv import StreamableConv1d, pad1d
-from .base import NotStreamableError, Step, _out_view, _pointwise_into, _Slot, _time_major, _tm, bf16_of
+from .base import (NotStreamableError, Step, _out_view, _pointwise_into, _Slot, _time_major, _tm, bf16_of,
+                   bf16_operand)
 
 
 # Reductions longer than this are split into blocks of this many terms: MKL's float32 GEMV over K = 4096
@@ -222,13 +223,7 @@ class ConvStep(Step):
         self.weight.set_bf16(on)
 
     def operand(self, x: torch.Tensor) -> torch.Tensor:
-        """precision="bf16": the conv's input as it multiplies, activated then rounded to bf16 (padding copies
-        or adds zeros, so the padded input is rounded too)."""
-        if self.act is not None:
-            x = self.act(x)
-        elif self.alpha is not None:
-            x = F.elu(x, self.alpha)
-        return round_bf16(x)
+        return bf16_operand(x, self.act, self.alpha)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.groups != 1:

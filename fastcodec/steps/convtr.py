@@ -10,14 +10,12 @@ the kernels run, else one GEMM overlap-added with stride (``conv_transpose1d_ste
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import conv as conv_ops
 from ..ops import stream as stream_ops
-from ..precision import round_bf16
 from ..reference.conv import StreamableConvTranspose1d
-from .base import NotStreamableError, Step, _out_view, _pointwise, _Slot, _time_major, _tm
+from .base import NotStreamableError, Step, _out_view, _pointwise, _Slot, _time_major, _tm, bf16_operand
 from .conv import ConvWeight, conv_transpose1d_step, elu_alpha
 
 
@@ -51,12 +49,7 @@ class ConvTrStep(Step):
         self.weight.set_bf16(on)
 
     def operand(self, x: torch.Tensor) -> torch.Tensor:
-        """precision="bf16": the input as it multiplies, activated then rounded to bf16."""
-        if self.act is not None:
-            x = self.act(x)
-        elif self.alpha is not None:
-            x = F.elu(x, self.alpha)
-        return round_bf16(x)
+        return bf16_operand(x, self.act, self.alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         convtr = self.convtr
